@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _device import DEVICE
 
 from circuitkit import models
 
@@ -12,28 +13,28 @@ TINY_KINDS = ("gpt2", "attn-only", "llama")
 @pytest.fixture
 def tiny_gpt2():
     """LayerNorm, learned positions, GELU MLP; the smollm2 tokenizer."""
-    return models.tiny_model("gpt2")
+    return models.tiny_model("gpt2").to(DEVICE)
 
 
 @pytest.fixture
 def tiny_attn_only():
     """Attention-only, LayerNorm, learned positions; the smollm2 tokenizer."""
-    return models.tiny_model("attn-only")
+    return models.tiny_model("attn-only").to(DEVICE)
 
 
 @pytest.fixture
 def tiny_llama():
     """RMSNorm, rotary, grouped-query attention, gated SiLU MLP; the smollm2 tokenizer."""
-    return models.tiny_model("llama")
+    return models.tiny_model("llama").to(DEVICE)
 
 
 @pytest.fixture(params=TINY_KINDS)
 def tiny_model(request):
     """Each tiny model kind in turn."""
-    return models.tiny_model(request.param)
+    return models.tiny_model(request.param).to(DEVICE)
 
 
 @pytest.fixture(scope="session")
 def smollm():
     """The offline default, smollm2-135m (from the on-disk cache; converted on first use)."""
-    return models.load_model("smollm2-135m")
+    return models.load_model("smollm2-135m", device=DEVICE)

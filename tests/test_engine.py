@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _device import allclose, assert_close, equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,11 @@ def random_case(model, seed: int, n: int = 4, n_pos: int = 7):
 
     def fn(logits_at):
         lead = logits_at.shape[:-2]
-        pick = lambda t: logits_at.gather(-1, t.expand(*lead, n)[..., None])[..., 0]  # noqa: E731
+
+        def pick(tokens):
+            index = tokens.to(logits_at.device).expand(*lead, n)[..., None]
+            return logits_at.gather(-1, index)[..., 0]
+
         return pick(a) - pick(b)
 
     positions = {"end": read, "first": torch.zeros(n, dtype=torch.long)}
@@ -101,10 +106,10 @@ def test_fast_path_equals_reference(tiny_model, seed):
     reference = run_interventions(tiny_model, base, runs, metric, reference=True, **kwargs)
     fast = run_interventions(tiny_model, base, runs, metric, max_runs_per_chunk=5, **kwargs)
     assert fast.shape == (len(runs), base.shape[0])
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     # the unpatched run is the plain model
     plain = metric(tiny_model(base))
-    torch.testing.assert_close(fast[-1], plain, atol=1e-5, rtol=1e-5)
+    assert_close(fast[-1], plain, atol=1e-5, rtol=1e-5)
     # patched runs really change the metric, so the comparison can fail
     assert (fast[:-1] - plain).abs().max() > 1e-3
 
@@ -119,8 +124,8 @@ def test_chunking_does_not_change_results(tiny_gpt2):
         tiny_gpt2, base, runs, metric, positions=positions, memory_budget=1, progress=False
     )
     many = run_interventions(tiny_gpt2, base, runs, metric, positions=positions, progress=False)
-    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tiny_budget, one, atol=0, rtol=0)
+    assert_close(one, many, atol=1e-5, rtol=1e-5)
+    assert_close(tiny_budget, one, atol=0, rtol=0)
 
 
 def test_plain_callable_metric_equals_position_metric(tiny_llama):
@@ -130,7 +135,7 @@ def test_plain_callable_metric_equals_position_metric(tiny_llama):
     full = run_interventions(
         tiny_llama, base, runs, lambda logits: metric(logits), positions=positions, progress=False
     )
-    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_query_key_is_shared_by_its_group(tiny_llama):
@@ -144,8 +149,8 @@ def test_grouped_query_key_is_shared_by_its_group(tiny_llama):
     assert k1.shape[2] == cfg.n_key_value_heads
     runs = [[Intervention(Head(1, h).k, Patch(k1))] for h in range(cfg.n_heads)]
     values = run_interventions(tiny_llama, base, runs, metric, progress=False)
-    assert torch.equal(values[0], values[group - 1])
-    assert not torch.allclose(values[0], values[group])
+    assert equal(values[0], values[group - 1])
+    assert not allclose(values[0], values[group])
 
 
 def _snapshot(model):
@@ -163,7 +168,7 @@ def _assert_unchanged(model, snapshot):
     assert now[2] == training
     assert now[3] == cfg
     for name, tensor in state.items():
-        assert torch.equal(now[1][name], tensor), name
+        assert equal(now[1][name], tensor), name
 
 
 def test_model_unchanged_after_success_and_errors(tiny_gpt2):
@@ -295,7 +300,7 @@ def test_fast_path_equals_reference_on_smollm(smollm):
     kwargs = dict(positions=positions, progress=False)
     reference = run_interventions(smollm, base, runs, metric, reference=True, **kwargs)
     fast = run_interventions(smollm, base, runs, metric, **kwargs)
-    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+    assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     assert (fast[:-1] - fast[-1]).abs().max() > 1e-3
 
 
@@ -328,9 +333,9 @@ def test_recording_fast_path_equals_reference(tiny_model, seed):
     for component, got, expected in zip(RECORDED, fast, reference, strict=True):
         base_act = full_cache[component.hook_name(tiny_model)]
         assert got.shape == (len(runs), *base_act.shape)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert_close(got, expected, atol=1e-5, rtol=1e-5)
         # the unpatched run records the plain model's activation; some runs change it
-        torch.testing.assert_close(got[-1], base_act, atol=1e-5, rtol=1e-5)
+        assert_close(got[-1], base_act, atol=1e-5, rtol=1e-5)
     assert (fast[0][:-1] - fast[0][-1]).abs().max() > 1e-3
 
 
@@ -346,17 +351,15 @@ def test_recording_sees_the_interventions_and_chunks_do_not_matter(tiny_gpt2):
     kwargs = dict(positions=positions, progress=False)
     attn, resid = record_activations(tiny_gpt2, base, runs, components, **kwargs)
     _, base_cache = tiny_gpt2.run_with_cache(base)
-    assert torch.equal(attn[0], torch.zeros_like(attn[0]))
-    torch.testing.assert_close(
-        attn[1][:, (0, 2)], 2 * base_cache["blocks.1.hook_attn_out"][:, (0, 2)]
-    )
+    assert equal(attn[0], torch.zeros_like(attn[0]))
+    assert_close(attn[1][:, (0, 2)], 2 * base_cache["blocks.1.hook_attn_out"][:, (0, 2)])
     one_at_a_time = record_activations(
         tiny_gpt2, base, runs, components, max_runs_per_chunk=1, **kwargs
     )
     tiny_budget = record_activations(tiny_gpt2, base, runs, components, memory_budget=1, **kwargs)
     for a, b, c in zip([attn, resid], one_at_a_time, tiny_budget, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        assert torch.equal(b, c)
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert equal(b, c)
     empty = record_activations(tiny_gpt2, base, [], components)
     assert [tuple(e.shape) for e in empty] == [(0, *attn.shape[1:]), (0, *resid.shape[1:])]
 
@@ -364,7 +367,7 @@ def test_recording_sees_the_interventions_and_chunks_do_not_matter(tiny_gpt2):
 def test_only_unpatched_runs(tiny_gpt2):
     base, cache, metric, positions, g = random_case(tiny_gpt2, 6)
     values = run_interventions(tiny_gpt2, base, [[], []], metric, progress=False)
-    torch.testing.assert_close(values, metric(tiny_gpt2(base)).expand(2, -1))
+    assert_close(values, metric(tiny_gpt2(base)).expand(2, -1))
 
 
 def test_recording_leaves_the_model_unchanged_and_checks_its_input(tiny_gpt2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import DEVICE, assert_close
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
@@ -22,7 +23,11 @@ def random_pair(model, seed: int, n: int = 4, n_pos: int = 6):
 
     def fn(logits_at):
         lead = logits_at.shape[:-2]
-        pick = lambda t: logits_at.gather(-1, t.expand(*lead, n)[..., None])[..., 0]  # noqa: E731
+
+        def pick(tokens):
+            index = tokens.to(logits_at.device).expand(*lead, n)[..., None]
+            return logits_at.gather(-1, index)[..., 0]
+
         return pick(a) - pick(b)
 
     metric = Metric("diff", torch.full((n,), n_pos - 1), fn)
@@ -66,7 +71,7 @@ def test_equals_transformer_lens(tiny_gpt2, kind, per_position, tl_fn, order, di
         progress=False,
     )
     assert result.values.shape == expected.shape
-    torch.testing.assert_close(result.values, expected.float(), atol=1e-4, rtol=0)
+    assert_close(result.values, expected.float(), atol=1e-4, rtol=0)
     assert result.values.std() > 1e-3  # the sweep finds differences, so the check can fail
 
 
@@ -80,14 +85,14 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("model_kind, kind", REFERENCE_CASES)
 def test_equals_reference_engine(model_kind, kind):
-    tiny_model = models.tiny_model(model_kind)
+    tiny_model = models.tiny_model(model_kind).to(DEVICE)
     clean, corrupted, metric = random_pair(tiny_model, seed=5)
     kwargs = dict(per_position=True, progress=False)
     fast = ck.activation_patching(tiny_model, clean, corrupted, kind, metric, **kwargs)
     slow = ck.activation_patching(
         tiny_model, clean, corrupted, kind, metric, reference=True, **kwargs
     )
-    torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+    assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_query_key_value_sweep_has_one_cell_per_kv_head(tiny_llama):
@@ -120,8 +125,8 @@ def test_word_positions_and_labels(tiny_gpt2):
         tiny_gpt2, clean, corrupted, "resid_pre", metric, per_position=True, progress=False
     )
     # patching the resid at "end" (position 5 everywhere) equals patching position 5
-    torch.testing.assert_close(result.values[:, 1], full.values[:, 5])
-    torch.testing.assert_close(result.values[:, 2], full.values[:, 0])
+    assert_close(result.values[:, 1], full.values[:, 5])
+    assert_close(result.values[:, 2], full.values[:, 0])
     frame = result.to_dataframe()
     assert list(frame.columns) == ["layer", "pos", "value", "sem"]
     assert len(frame) == tiny_gpt2.cfg.n_layers * 3
@@ -164,7 +169,7 @@ def test_equals_transformer_lens_on_smollm(smollm):
         result = ck.activation_patching(
             smollm, clean, corrupted, kind, metric, per_position=kind == "attn", progress=False
         )
-        torch.testing.assert_close(result.values, expected.float(), atol=1e-4, rtol=0)
+        assert_close(result.values, expected.float(), atol=1e-4, rtol=0)
     layers = ck.activation_patching(
         smollm, clean, corrupted, "resid_pre", metric, positions=[0, 3, 7], progress=False
     )
@@ -178,4 +183,4 @@ def test_equals_transformer_lens_on_smollm(smollm):
         reference=True,
         progress=False,
     )
-    torch.testing.assert_close(layers.values, reference.values, atol=1e-4, rtol=0)
+    assert_close(layers.values, reference.values, atol=1e-4, rtol=0)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _device import assert_close, equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,11 @@ def random_pair(model, seed: int, n: int = 3, n_pos: int = 6):
 
     def fn(logits_at):
         lead = logits_at.shape[:-2]
-        pick = lambda t: logits_at.gather(-1, t.expand(*lead, n)[..., None])[..., 0]  # noqa: E731
+
+        def pick(tokens):
+            index = tokens.to(logits_at.device).expand(*lead, n)[..., None]
+            return logits_at.gather(-1, index)[..., 0]
+
         return pick(a) - pick(b)
 
     metric = Metric("diff", end, fn)
@@ -105,7 +110,7 @@ def test_fast_equals_reference(tiny_model, seed, direction):
         fast, slow = both(
             tiny_model, clean, corrupted, sends, receives, metric, direction=direction
         )
-        torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+        assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
         # the experiments differ, so the comparison can fail
         assert fast.examples.std() > 1e-4, (sends, receives)
 
@@ -119,7 +124,7 @@ def test_mlp_senders_equal_reference(tiny_model):
     for receivers in ("logits", [ck.Head(2, 1).q.at("end"), ck.Head(2, 3).k]):
         fast, slow = both(tiny_model, clean, corrupted, "mlps", receivers, metric)
         assert fast.axes == ("layer",)
-        torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+        assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
         assert fast.examples.std() > 1e-4
 
 
@@ -136,7 +141,7 @@ def test_last_layer_sender_to_logits_is_activation_patching(tiny_model):
     kwargs = dict(metric=metric, progress=False)
     path = ck.path_patching(tiny_model, clean, corrupted, senders, "logits", **kwargs)
     act = ck.activation_patching(tiny_model, clean, corrupted, senders, direction="noise", **kwargs)
-    torch.testing.assert_close(path.examples, act.examples, atol=1e-5, rtol=1e-5)
+    assert_close(path.examples, act.examples, atol=1e-5, rtol=1e-5)
     # and not in an earlier layer, where other heads pass the change on
     early = [ck.Head(0, h) for h in range(tiny_model.cfg.n_heads)]
     path = ck.path_patching(tiny_model, clean, corrupted, early, "logits", **kwargs)
@@ -159,7 +164,7 @@ def test_attention_only_direct_effect_is_the_sender_output_difference(tiny_attn_
             delta = corrupted_cache[z_name][:, :, head] - clean_cache[z_name][:, :, head]
             resid = final + delta @ model.W_O[layer, head]
             expected = metric(model.unembed(model.ln_final(resid)))
-            torch.testing.assert_close(result.examples[layer, head], expected, atol=1e-5, rtol=0)
+            assert_close(result.examples[layer, head], expected, atol=1e-5, rtol=0)
     assert result.examples.std() > 1e-3
 
 
@@ -178,14 +183,14 @@ def test_grouped_query_key_and_value_receivers_are_the_shared_head(tiny_llama):
             for h in range(cfg.n_heads)
         ]
         # query heads 0 and 1 read key/value head 0, heads 2 and 3 key/value head 1
-        assert torch.equal(results[0], results[1])
-        assert torch.equal(results[2], results[3])
+        assert equal(results[0], results[1])
+        assert equal(results[2], results[3])
         assert (results[0] - results[2]).abs().max() > 1e-4
         # two heads of one group name one key/value head: it is patched once
         both_heads = [ck.Head(2, 0, part), ck.Head(2, 1, part)]
         fast, slow = both(tiny_llama, clean, corrupted, senders, both_heads, metric)
-        assert torch.equal(fast.examples, results[0])
-        torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+        assert equal(fast.examples, results[0])
+        assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
         assert fast.info["receivers"] == [repr(ck.Head(2, 0, part))]
 
 
@@ -198,7 +203,7 @@ def test_senders_without_a_path_get_the_base_value(tiny_gpt2):
     clean_value = metric(tiny_gpt2(clean.tokens))
     for layer in (1, 2):  # heads in the receivers' layer and later
         for head in range(tiny_gpt2.cfg.n_heads):
-            torch.testing.assert_close(result.examples[layer, head], clean_value)
+            assert_close(result.examples[layer, head], clean_value)
     assert (result.examples[0] - clean_value).abs().max() > 1e-4
     with pytest.raises(ComponentError, match=r"Head\(1, 3\) has no path to the receivers"):
         ck.path_patching(
@@ -214,7 +219,7 @@ def test_ioi_dataset_words_and_default_metric(tiny_gpt2):
     fast = ck.path_patching(tiny_gpt2, ds, abc, senders, receivers, progress=False)
     slow = ck.path_patching(tiny_gpt2, ds, abc, senders, receivers, reference=True, progress=False)
     assert fast.metric == "logit_diff"
-    torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+    assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
     assert fast.examples.std() > 1e-4
 
 
@@ -225,7 +230,7 @@ def test_result_axes_and_labels(tiny_gpt2):
     assert heads.axes == ("layer", "head")
     assert heads.values.shape == (3, 4)
     assert heads.examples.shape == (3, 4, 3)
-    torch.testing.assert_close(heads.values, heads.examples.mean(-1))
+    assert_close(heads.values, heads.examples.mean(-1))
     assert heads.method == "path_patching"
     assert heads.info == {
         "direction": "noise",
@@ -239,7 +244,7 @@ def test_result_axes_and_labels(tiny_gpt2):
     assert listed.axes == ("sender",)
     assert listed.labels["sender"] == ["Head(0, 1).at('X')", "MLP(0) + Head(1, 0)"]
     one = ck.path_patching(tiny_gpt2, clean, corrupted, ck.Head(0, 1).at("X"), "logits", **kwargs)
-    torch.testing.assert_close(one.examples[0], listed.examples[0])
+    assert_close(one.examples[0], listed.examples[0])
     frame = listed.to_dataframe()
     assert list(frame.columns) == ["sender", "value", "sem"]
     assert ck.plot(heads).data[0].type == "heatmap"
@@ -260,7 +265,7 @@ def _assert_unchanged(model, snapshot):
     assert model.training == training
     assert [p.requires_grad for p in model.parameters()] == params
     for name, tensor in model.state_dict().items():
-        assert torch.equal(state[name], tensor), name
+        assert equal(state[name], tensor), name
 
 
 def test_model_unchanged_after_success_and_errors(tiny_gpt2):
@@ -339,7 +344,7 @@ def test_fast_equals_reference_on_smollm(smollm):
     receivers = [ck.Head(6, 1).q.at("end"), ck.Head(6, 4).k, ck.Head(5, 0).v]
     for receives in ("logits", receivers):
         fast, slow = both(smollm, clean, corrupted, senders, receives, metric)
-        torch.testing.assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-4)
+        assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-4)
         assert fast.examples.std() > 1e-3
     # 9 query heads share 3 key/value heads: heads 3 and 5 read key/value head 1
     keys = [
@@ -348,5 +353,5 @@ def test_fast_equals_reference_on_smollm(smollm):
         ).examples
         for h in (3, 5)
     ]
-    assert torch.equal(keys[0], keys[1])
+    assert equal(keys[0], keys[1])
     assert (keys[0] - metric(smollm(clean.tokens))).abs().max() > 1e-4
