@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from circuitkit import provenance
 from circuitkit.components import Component, Neuron, all_components
 from circuitkit.engine import Intervention, MetricLike, Patch, SetTo, Value, Zero, run_interventions
 from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
@@ -72,6 +73,7 @@ def ablate(
     seed: int = 0,
     reference_engine: bool = False,
     memory_budget: int | None = None,
+    keep_examples: bool = True,
     progress: bool = True,
 ) -> Result:
     """Ablate a set of components together and read the metric, beside the unablated run.
@@ -89,7 +91,8 @@ def ablate(
     ``reference_engine=True`` runs the engine's slow, plainly written reference mode.
 
     Returns a ``Result`` with axis "run" = ("unablated", "ablated"): ``values`` the mean metric
-    of each, ``examples`` [2, n] the per-example values.
+    of each, ``examples`` [2, n] the per-example values (dropped with ``keep_examples=False``),
+    ``provenance`` how it was made.
 
     Example::
 
@@ -119,10 +122,28 @@ def ablate(
         desc=f"{where} ({method.value})",
     )
     examples = torch.stack([examples[0], examples[1:].mean(0)])
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "components": components,
+            "method": method.value,
+            "keep": keep,
+            "per_template": per_template,
+            "n_samples": n_samples,
+            "seed": seed,
+            "reference_engine": reference_engine,
+            "memory_budget": memory_budget,
+            "keep_examples": keep_examples,
+        },
+        data={"ds": ds, "reference": reference},
+        metric=metric,
+    )
     return Result.from_examples(
         examples,
         ("run",),
         {"run": ["unablated", "ablated"]},
+        keep_examples=keep_examples,
         metric=_metric_name(metric),
         method=where,
         info={
@@ -132,6 +153,7 @@ def ablate(
             "n_samples": n_samples if method is AblationMethod.RESAMPLE else 1,
             "seed": seed,
         },
+        provenance=made,
     )
 
 
@@ -150,6 +172,7 @@ def ablation_sweep(
     seed: int = 0,
     reference_engine: bool = False,
     memory_budget: int | None = None,
+    keep_examples: bool = True,
     progress: bool = True,
 ) -> Result:
     """Ablate each component of a kind, one at a time, and read the metric.
@@ -165,8 +188,8 @@ def ablation_sweep(
     engine, many per forward pass, in chunks that fit ``memory_budget``.
 
     Returns a ``Result`` of the ablated metric's mean per component, with the per-example
-    values in ``examples``; ``info["unablated"]`` is the unablated mean and
-    ``info["unablated_examples"]`` its per-example values.
+    values in ``examples`` (unless ``keep_examples=False``); ``info["unablated"]`` is the
+    unablated mean and ``info["unablated_examples"]`` its per-example values.
 
     Example::
 
@@ -214,10 +237,30 @@ def ablation_sweep(
     unablated = examples[0]
     ablated = examples[1:].reshape(len(draws), len(cells), -1).mean(0)
     shape = [len(labels[a]) for a in axes]
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "component": component,
+            "method": method.value,
+            "layer": layer,
+            "positions": positions,
+            "per_template": per_template,
+            "n_samples": n_samples,
+            "seed": seed,
+            "reference_engine": reference_engine,
+            "memory_budget": memory_budget,
+            "keep_examples": keep_examples,
+        },
+        data={"ds": ds, "reference": reference},
+        metric=metric,
+    )
     return Result.from_examples(
         ablated.reshape(*shape, ablated.shape[-1]),
         axes,
         labels,
+        keep_examples=keep_examples,
+        provenance=made,
         metric=_metric_name(metric),
         method=where,
         info={

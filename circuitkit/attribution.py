@@ -42,6 +42,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.utilities import get_act_name
 
+from circuitkit import provenance
 from circuitkit.components import MLP, Attn, Embed, Head, Neuron, PosEmbed, Resid
 from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.results import Result
@@ -62,6 +63,7 @@ def direct_logit_attribution(
     direction: Float[Tensor, "d_model"] | Float[Tensor, "n d_model"] | None = None,
     position: str | int | Int[Tensor, "n"] | None = None,
     layers: Sequence[int] | None = None,
+    keep_examples: bool = True,
 ) -> Result:
     """The direct effect of each component on the logit difference, per example.
 
@@ -91,9 +93,10 @@ def direct_logit_attribution(
     soft-cap its logits, which would make them non-linear in the residual stream.
 
     Returns a ``Result`` of the mean attribution per component, with per-example values in
-    ``examples``; ``info["bias"]`` [n] is the final norm's bias and the unembedding bias along
-    the direction, ``info["total"]`` [n] the logit difference of the cached run. For "layer"
-    and "component" the rows plus ``info["bias"]`` sum to ``info["total"]``.
+    ``examples`` (dropped with ``keep_examples=False``) and its ``provenance``; ``info["bias"]``
+    [n] is the final norm's bias and the unembedding bias along the direction, ``info["total"]``
+    [n] the logit difference of the cached run. For "layer" and "component" the rows plus
+    ``info["bias"]`` sum to ``info["total"]``.
 
     Example::
 
@@ -175,10 +178,26 @@ def direct_logit_attribution(
 
         bias = (b * u).sum(-1) + offset
         total = _model_readout(model, resid_final[rows, read].float(), u, offset)
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "by": by,
+            "answers": answers,
+            "direction": direction,
+            "position": position,
+            "layers": layers,
+            "keep_examples": keep_examples,
+        },
+        data=ds,
+        metric=metric_name,
+    )
     return Result.from_examples(
         values.cpu(),
         axes,
         labels,
+        keep_examples=keep_examples,
+        provenance=made,
         metric=metric_name,
         method=where,
         info={
@@ -198,6 +217,7 @@ def logit_lens(
     answers: Answers | None = None,
     direction: Float[Tensor, "d_model"] | Float[Tensor, "n d_model"] | None = None,
     position: str | int | Int[Tensor, "n"] | None = None,
+    keep_examples: bool = True,
 ) -> Result:
     """The logit difference read off the residual stream after each layer (the logit lens).
 
@@ -208,7 +228,8 @@ def logit_lens(
     unembedding. The last entry is therefore the model's own logit difference.
 
     ``answers``, ``direction`` and ``position`` are as in ``direct_logit_attribution``.
-    Returns a ``Result`` with axis "layer" (``n_layers + 1`` entries) and per-example values.
+    Returns a ``Result`` with axis "layer" (``n_layers + 1`` entries), per-example values
+    (unless ``keep_examples=False``) and provenance.
 
     Example::
 
@@ -231,10 +252,24 @@ def logit_lens(
         values = torch.stack(
             [_model_readout(model, stream[rows, read].float(), u, offset) for stream in streams]
         )
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "answers": answers,
+            "direction": direction,
+            "position": position,
+            "keep_examples": keep_examples,
+        },
+        data=ds,
+        metric=metric_name,
+    )
     return Result.from_examples(
         values.cpu(),
         ("layer",),
         {"layer": ["embed"] + [str(layer) for layer in range(cfg.n_layers)]},
+        keep_examples=keep_examples,
+        provenance=made,
         metric=metric_name,
         method=where,
         info={"position": _describe_position(position, ds), "apply_ln": "recomputed per layer"},

@@ -45,6 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from circuitkit import provenance
 from circuitkit.components import (
     MLP,
     Attn,
@@ -443,6 +444,7 @@ class CausalTrace:
             metric=f"indirect effect on {self.scores.metric}",
             method="causal_trace",
             info=dict(self.scores.info),
+            provenance=dict(self.scores.provenance),
         )
 
     def plot(self, **layout: Any):
@@ -645,10 +647,31 @@ def causal_trace(
     target_text = model.to_string([target_token]) if model.tokenizer is not None else ""
     clean_prob = float(baselines[0].mean())
     corrupted_by_sample = baselines[1]
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "subject": subject,
+            "target": target,
+            "kind": kind,
+            "window": window,
+            "noise": noise,
+            "samples": samples,
+            "seed": seed,
+            "occurrence": occurrence,
+            "layers": layers,
+            "positions": positions,
+            "reference": reference,
+            "memory_budget": memory_budget,
+        },
+        data=prompt,
+        metric=metric,
+    )
     scores = Result.from_examples(
         examples.reshape(len(layer_list), len(position_list), samples),
         ("layer", "pos"),
         {"layer": [str(x) for x in layer_list], "pos": pos_labels},
+        provenance=made,
         metric=f"p({target_text or target_token!r})",
         method="causal_trace",
         info={
@@ -744,6 +767,18 @@ def average_indirect_effect(traces: Sequence[CausalTrace]) -> Result:
     names = [name for name in TOKEN_GROUPS if name in sums]
     if not names:
         raise ShapeError(f"{where}: the traces cover no position of any token group")
+    # the traces' own records, with the model (the same for all) written down once
+    made = {
+        "method": where,
+        "args": {"n_traces": len(traces)},
+        "model": traces[0].scores.provenance.get("model"),
+        "data": [
+            {k: v for k, v in trace.scores.provenance.items() if k != "model"} for trace in traces
+        ],
+        "metric": "average indirect effect",
+        "versions": traces[0].scores.provenance.get("versions"),
+        "timestamp": traces[-1].scores.provenance.get("timestamp"),
+    }
     return Result(
         values=torch.stack([sums[name] / counts[name] for name in names]),
         axes=("token", "layer"),
@@ -751,6 +786,7 @@ def average_indirect_effect(traces: Sequence[CausalTrace]) -> Result:
         metric="average indirect effect",
         method="causal_trace",
         info={"kind": sorted(kinds), "n_prompts": {name: counts[name] for name in names}},
+        provenance=made,
     )
 
 
@@ -801,6 +837,7 @@ def causal_effects(
     layers: Sequence[int] | None = None,
     reference: bool = False,
     memory_budget: int | None = None,
+    keep_examples: bool = True,
     progress: bool = True,
 ) -> CausalEffects:
     """Total, indirect and direct effects of changing the input from ``base`` to ``source``.
@@ -822,7 +859,8 @@ def causal_effects(
     ``base`` and ``source`` are strings, token tensors or datasets with the same ``[n, pos]``
     shape; ``target`` (and ``foil``) one token or one per example. ``layers`` restricts the
     layer axis (the windows and "everywhere else" still span the whole model). All runs go
-    through the engine. Returns a ``CausalEffects``.
+    through the engine. Returns a ``CausalEffects``; its ``Result`` objects keep per-example
+    values unless ``keep_examples=False`` and share one ``provenance`` record.
 
     Example::
 
@@ -865,6 +903,25 @@ def causal_effects(
         comp = comp if pos is None else comp.at(pos)
         return Intervention(comp, Patch(cache[comp.hook_name(model)]))
 
+    made = provenance.record(
+        model,
+        method=where,
+        args={
+            "target": target,
+            "foil": foil,
+            "measure": measure,
+            "kinds": kinds,
+            "window": window,
+            "per_position": per_position,
+            "layers": layers,
+            "reference": reference,
+            "memory_budget": memory_budget,
+            "keep_examples": keep_examples,
+        },
+        data={"base": base, "source": source},
+        metric=metric,
+    )
+
     def effects(tokens: Tensor, runs: list[list[Intervention]], effect: str, kind: str) -> Result:
         values = run_interventions(
             model, tokens, runs, metric, desc=f"{where} ({kind}, {effect})", **engine_kwargs
@@ -874,6 +931,8 @@ def causal_effects(
             (values - base_values).reshape(*shape, n),
             axes,
             labels,
+            keep_examples=keep_examples,
+            provenance=made,
             metric=f"change in {metric.name}",
             method=where,
             info={"kind": kind, "effect": effect, "window": window, "measure": measure},

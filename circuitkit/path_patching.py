@@ -45,6 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from circuitkit import provenance
 from circuitkit.components import (
     MLP,
     Attn,
@@ -85,6 +86,7 @@ def path_patching(
     direction: Direction = "noise",
     reference: bool = False,
     memory_budget: int | None = None,
+    keep_examples: bool = True,
     progress: bool = True,
 ) -> Result:
     """Patch each sender along its direct paths to the receivers, and read the metric.
@@ -112,7 +114,8 @@ def path_patching(
     version: two ``run_with_hooks`` forwards per experiment.
 
     Returns a ``Result`` of the metric averaged over examples, per experiment; its
-    ``examples`` keeps the per-example values.
+    ``examples`` keeps the per-example values (unless ``keep_examples=False``) and its
+    ``provenance`` records how it was made.
 
     Example::
 
@@ -175,11 +178,27 @@ def path_patching(
                 desc,
             )
     shape = [len(labels[a]) for a in axes]
+    made = provenance.record(
+        model,
+        method=_WHERE,
+        args={
+            "senders": senders,
+            "receivers": receivers,
+            "direction": direction,
+            "reference": reference,
+            "memory_budget": memory_budget,
+            "keep_examples": keep_examples,
+        },
+        data={"clean": clean, "corrupted": corrupted},
+        metric=metric,
+    )
     return Result.from_examples(
         examples.reshape(*shape, examples.shape[-1]),
         axes,
         labels,
-        metric=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        keep_examples=keep_examples,
+        provenance=made,
+        metric=provenance.metric_name(metric),
         method=_WHERE,
         info={
             "direction": direction,

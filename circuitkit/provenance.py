@@ -14,10 +14,10 @@ attaches to its ``Result`` in one call::
 repr shows a short form (``short``).
 
 How values are written down. Arguments become JSON: numbers, strings and ``None`` as they are;
-lists, tuples and dicts element by element; a tensor as its shape, dtype and the SHA-256 of its
-bytes; a component (``Head(9, 9)``) as its repr; a dataset as its own ``.provenance`` record
-(``IOIDataset`` has one: n, seed, corruption, templates, ...); a metric as its name; anything
-else as its type and repr.
+lists, tuples and dicts element by element (sets sorted); a tensor as its shape, dtype and the
+SHA-256 of its bytes; a component (``Head(9, 9)``) as its repr; a dataset as its own
+``.provenance`` record (``IOIDataset`` has one: n, seed, corruption, templates, ...); a metric
+as its name; anything else as its type and repr.
 
 The weights' fingerprint (``fingerprint``) is a SHA-256 over every parameter's name, dtype,
 shape and bytes: all bytes, so any change to any weight changes it, including edits made
@@ -137,6 +137,8 @@ def describe(value: Any) -> Any:
         return {str(key): describe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [describe(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((describe(item) for item in value), key=repr)
     if isinstance(value, slice):
         return repr(value)
     if isinstance(value, Metric):

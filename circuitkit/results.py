@@ -128,14 +128,17 @@ class Result:
         examples: Tensor,
         axes: Sequence[str],
         labels: Mapping[str, Sequence[str]],
+        *,
+        keep_examples: bool = True,
         **kwargs: Any,
     ) -> Result:
-        """A Result whose values are the mean over the last axis of ``examples``."""
+        """A Result whose values are the mean over the last axis of ``examples``; with
+        ``keep_examples=False`` the per-example values are dropped after averaging."""
         return cls(
             values=examples.mean(-1),
             axes=tuple(axes),
             labels={k: list(v) for k, v in labels.items()},
-            examples=examples,
+            examples=examples if keep_examples else None,
             **kwargs,
         )
 

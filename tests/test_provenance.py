@@ -186,3 +186,67 @@ def test_keep_examples(tiny_gpt2):
 @pytest.mark.real
 def test_fingerprint_of_smollm(smollm):
     assert provenance.fingerprint(smollm) == reference_fingerprint(smollm)
+
+
+def _every_method(model, keep_examples=True):
+    """(name, Result) for every method that returns results, on a small IOI batch."""
+    ds = ck.IOIDataset(model, n=4, seed=3)
+    abc = ds.corrupted("ABC")
+    kw = dict(keep_examples=keep_examples)
+    quiet = dict(progress=False, **kw)
+    _, cache = model.run_with_cache(ds.tokens)
+    heads = [ck.Head(1, 0), ck.Head(1, 2)]
+    trace = ck.causal_trace(
+        model, "The Eiffel Tower is in", "Eiffel Tower", " Paris", samples=2, progress=False
+    )
+    effects = ck.causal_effects(
+        model,
+        ds.tokens[:2],
+        abc.tokens[:2],
+        ds.io_tokens[:2],
+        foil=ds.s_tokens[:2],
+        measure="logit_diff",
+        kinds=["mlp"],
+        per_position=False,
+        **quiet,
+    )
+    yield "ablate", ck.ablate(model, ds, heads, reference=abc, **quiet)
+    yield "ablation_sweep", ck.ablation_sweep(model, ds, "mlp", reference=abc, **quiet)
+    yield "direct_logit_attribution", ck.direct_logit_attribution(model, cache, ds, "head", **kw)
+    yield "logit_lens", ck.logit_lens(model, cache, ds, **kw)
+    yield "path_patching", ck.path_patching(model, ds, abc, "heads", "logits", **quiet)
+    yield "causal_trace", trace.scores
+    yield "causal_trace", trace.indirect_effect
+    yield "average_indirect_effect", ck.average_indirect_effect([trace])
+    yield "causal_effects", effects.indirect["mlp"]
+
+
+def test_every_method_records_provenance(tiny_gpt2):
+    snapshot = model_state(tiny_gpt2)
+    fingerprint = reference_fingerprint(tiny_gpt2)
+    for method, result in _every_method(tiny_gpt2):
+        made = result.provenance
+        assert made["method"] == method, method
+        assert made["model"]["fingerprint"] == fingerprint, method
+        assert made["versions"]["circuitkit"] == ck.__version__, method
+        assert made["data"], method
+        json.dumps(made)  # the record is plain JSON
+        assert "made with" in repr(result), method
+    assert model_state(tiny_gpt2) == snapshot
+
+
+def test_every_method_can_drop_examples(tiny_gpt2):
+    kept = dict(_every_method(tiny_gpt2))
+    dropped = dict(_every_method(tiny_gpt2, keep_examples=False))
+    for method in (
+        "ablate",
+        "ablation_sweep",
+        "direct_logit_attribution",
+        "logit_lens",
+        "path_patching",
+        "causal_effects",
+    ):
+        assert kept[method].examples is not None and dropped[method].examples is None, method
+        torch.testing.assert_close(dropped[method].values, kept[method].values)
+        assert dropped[method].provenance["args"]["keep_examples"] is False
+        assert kept[method].values.std() > 1e-5, method  # the comparison can fail
