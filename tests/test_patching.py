@@ -158,18 +158,42 @@ def test_bad_inputs(tiny_gpt2):
 
 @pytest.mark.real
 def test_equals_transformer_lens_on_smollm(smollm):
+    # TransformerLens runs one forward per patch, so it is checked on a random sample of cells
+    # of each sweep (fresh each run); circuitkit computes the whole sweep.
+    import pandas as pd
+
     clean, corrupted, metric = random_pair(smollm, seed=9, n=2, n_pos=8)
     _, clean_cache = smollm.run_with_cache(clean)
     tl_metric = lambda logits: metric(logits).mean()  # noqa: E731
-    for kind, tl_fn in [
-        ("head", tl_patching.get_act_patch_attn_head_out_all_pos),
-        ("attn", tl_patching.get_act_patch_attn_out),
+    cfg = smollm.cfg
+    pick = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for kind, tl_setter, act_name, columns, sizes in [
+        (
+            "head",
+            tl_patching.layer_head_vector_patch_setter,
+            "z",
+            ("layer", "head"),
+            (cfg.n_heads,),
+        ),
+        ("attn", tl_patching.layer_pos_patch_setter, "attn_out", ("layer", "pos"), (8,)),
     ]:
-        expected = tl_fn(smollm, corrupted, clean_cache, tl_metric)
+        cells = torch.stack(
+            [
+                torch.randint(0, cfg.n_layers, (12,), generator=pick),
+                torch.randint(0, sizes[0], (12,), generator=pick),
+            ],
+            dim=1,
+        )
+        index_df = pd.DataFrame(cells.numpy(), columns=list(columns))
+        expected = tl_patching.generic_activation_patch(
+            smollm, corrupted, clean_cache, tl_metric, tl_setter, act_name, index_df=index_df
+        )
         result = ck.activation_patching(
             smollm, clean, corrupted, kind, metric, per_position=kind == "attn", progress=False
         )
-        assert_close(result.values, expected.float(), atol=1e-4, rtol=0)
+        got = result.values[cells[:, 0], cells[:, 1]]
+        assert_close(got, expected.float(), atol=1e-4, rtol=0)
+        assert result.values.std() > 1e-3
     layers = ck.activation_patching(
         smollm, clean, corrupted, "resid_pre", metric, positions=[0, 3, 7], progress=False
     )
