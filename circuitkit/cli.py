@@ -74,7 +74,29 @@ def _parser() -> argparse.ArgumentParser:
         "--top", type=_positive_int, default=10, help="heads listed by direct effect (10)"
     )
     ioi.set_defaults(run=_run_ioi)
+
+    trace = commands.add_parser(
+        "trace",
+        help="trace where a model keeps a fact (ROME-style causal tracing) and write a page",
+        description="Noise the subject's token embeddings, restore clean activations one "
+        "layer (window) and token at a time, and write the heatmaps of the target's restored "
+        "probability and the indirect effect by layer to an HTML page.",
+    )
+    trace.add_argument("--model", default=DEFAULT_MODEL, help=f"model name ({DEFAULT_MODEL})")
+    trace.add_argument("--prompt", default=_EIFFEL[0], help="the prompt, without the answer")
+    trace.add_argument("--subject", default=_EIFFEL[1], help="the subject, as in the prompt")
+    trace.add_argument("--target", default=_EIFFEL[2], help="the answer token, e.g. ' Paris'")
+    trace.add_argument("--samples", type=_positive_int, default=10, help="noise samples (10)")
+    trace.add_argument("--noise", type=float, default=3.0, help="noise, in embedding stds (3)")
+    trace.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    trace.add_argument("--device", default=None, help="torch device (the model's default)")
+    trace.add_argument("--out", default="trace.html", help="the page to write (trace.html)")
+    trace.add_argument("--quick", action="store_true", help="3 noise samples, for a first look")
+    trace.set_defaults(run=_run_trace)
     return parser
+
+
+_EIFFEL = ("The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
 
 
 def _positive_int(text: str) -> int:
@@ -126,6 +148,44 @@ def _run_ioi(args: argparse.Namespace) -> int:
     print(_section_direct_heads(heads, args.top))
     print()
     print(_section_logit_lens(lens))
+    return 0
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from circuitkit.models import load_model
+    from circuitkit.report import trace_report
+
+    _progress(f"loading {args.model} ...")
+    model = load_model(args.model, device=args.device)
+    samples = 3 if args.quick else args.samples
+    _progress(f"tracing {args.prompt!r} -> {args.target!r} ({samples} noise samples) ...")
+    report, traces = trace_report(
+        model,
+        args.prompt,
+        args.subject,
+        args.target,
+        samples=samples,
+        noise=args.noise,
+        seed=args.seed,
+    )
+    first = next(iter(traces.values()))
+    print(f"Causal trace: {args.prompt!r} -> {args.target!r} on {args.model}")
+    print(f"  p(target) clean {first.clean_prob:.4f}, corrupted {first.corrupted_prob:.4f}")
+    rows = []
+    for kind, trace in traces.items():
+        values = trace.scores.values
+        layer, column = divmod(int(values.argmax()), values.shape[1])
+        rows.append(
+            [
+                kind,
+                trace.scores.labels["layer"][layer],
+                trace.scores.labels["pos"][column],
+                f"{float(values.max()):.4f}",
+            ]
+        )
+    print(_table(["restored", "best layer", "at token", "p(target)"], rows, align="<><>"))
+    path = report.write(args.out)
+    print(f"wrote {path}")
     return 0
 
 

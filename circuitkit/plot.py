@@ -260,7 +260,7 @@ def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> 
     for trace in traces:
         window = f", {trace.window} layer window" if trace.window > 1 else ""
         titles.append(f"Restoring {_TRACE_NAMES[trace.kind]}{window}")
-    fig = make_subplots(rows=1, cols=len(traces), subplot_titles=titles, horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=len(traces), subplot_titles=titles, horizontal_spacing=0.2)
     for i, trace in enumerate(traces):
         scores = trace.scores
         values = scores.values.detach().float().cpu()
@@ -274,8 +274,13 @@ def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> 
                 colorscale=_TRACE_COLORS[trace.kind],
                 zmin=low,
                 zmax=high,
+                # each panel's colour bar sits just right of its own panel
                 colorbar=dict(
-                    title=scores.metric, x=(i + 1) / len(traces) - 0.02, len=0.9, thickness=12
+                    title=dict(text=scores.metric, side="right"),
+                    x=fig.get_subplot(1, i + 1).xaxis.domain[1] + 0.01,
+                    xanchor="left",
+                    len=0.9,
+                    thickness=12,
                 ),
                 hovertemplate="layer %{x}<br>token %{y}<br>p %{z:.4f}<extra></extra>",
             ),
@@ -292,7 +297,7 @@ def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> 
     fig.update_layout(
         title=title if title is not None else default,
         template="plotly_white",
-        width=360 * len(traces) + 140,
+        width=400 * len(traces) + 60,
         **layout,
     )
     return fig

@@ -1,0 +1,132 @@
+"""The HTML report: its parts, its files, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import struct
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from _browser import figures_rendered, render
+
+import circuitkit as ck
+from circuitkit.report import Report, trace_report
+
+
+def small_results(model):
+    ds = ck.IOIDataset(model, n=4, seed=1)
+    heads = ck.activation_patching(model, ds, ds.corrupted("ABC"), "head", progress=False)
+    _, cache = model.run_with_cache(ds.tokens)
+    lens = ck.logit_lens(model, cache, ds)
+    return heads, lens
+
+
+def test_page_holds_every_part_escaped(tiny_gpt2, tmp_path):
+    heads, lens = small_results(tiny_gpt2)
+    report = Report("Title <one>", subtitle="a & b")
+    report.heading("Heads", "Intro <b>not bold</b>")
+    report.table(["name", "value"], [["x<y", 1.5], ["z", 2]], "A caption")
+    report.figure(ck.plot(heads), "Each head's effect.", result=heads, name="heads")
+    report.figure(ck.plot(lens), "The logit lens.", result=lens, name="lens")
+    page = report.write(tmp_path / "study.html").read_text()
+    assert "<title>Title &lt;one&gt;</title>" in page and "a &amp; b" in page
+    assert "Intro &lt;b&gt;not bold&lt;/b&gt;" in page and '<td class="text">x&lt;y</td>' in page
+    assert page.count('class="ck-figure"') == 2 == report.n_figures
+    assert "How this was made: activation_patching" in page
+    assert "study_results/heads" in page
+    assert "https://" not in page.split("<script")[0]  # nothing fetched from a network
+
+
+def test_results_are_saved_beside_the_page_and_load_back(tiny_gpt2, tmp_path):
+    heads, lens = small_results(tiny_gpt2)
+    report = Report("r")
+    report.figure(ck.plot(heads), "heads", result=heads, name="heads")
+    report.add_result(lens, "lens")
+    report.write(tmp_path / "r.html")
+    folder = tmp_path / "r_results"
+    assert sorted(p.name for p in folder.iterdir()) == ["heads", "lens"]
+    assert ck.Result.load(folder / "heads").equals(heads)
+    assert ck.Result.load(folder / "lens").equals(lens)
+    # writing again replaces the folder whole, leaving no temporary files
+    report2 = Report("r")
+    report2.add_result(lens, "only")
+    report2.write(tmp_path / "r.html")
+    assert sorted(p.name for p in folder.iterdir()) == ["only"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r_results"]
+
+
+def test_bad_input(tiny_gpt2, tmp_path):
+    heads, _ = small_results(tiny_gpt2)
+    report = Report("r")
+    with pytest.raises(ck.CircuitkitError, match="a row has 1 cells but there are 2 headers"):
+        report.table(["a", "b"], [["only one"]])
+    with pytest.raises(ck.CircuitkitError, match="needs a caption"):
+        report.figure(ck.plot(heads), "  ")
+    with pytest.raises(ck.CircuitkitError, match="expected a plotly Figure"):
+        report.figure(heads, "caption")
+    with pytest.raises(ck.CircuitkitError, match="needs a name of letters"):
+        report.figure(ck.plot(heads), "caption", result=heads, name="../escape")
+    report.add_result(heads, "heads")
+    with pytest.raises(ck.CircuitkitError, match="already added"):
+        report.add_result(heads, "heads")
+    with pytest.raises(ck.CircuitkitError, match="must end in .html"):
+        report.write(tmp_path / "page.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_page_renders_in_a_browser(tiny_gpt2, tmp_path):
+    heads, lens = small_results(tiny_gpt2)
+    trace = ck.causal_trace(
+        tiny_gpt2, "The Eiffel Tower is in", "Eiffel Tower", " Paris", samples=2, progress=False
+    )
+    report = Report("Browser check")
+    report.heading("Figures")
+    report.figure(ck.plot(heads), "A heatmap.", result=heads, name="heads")
+    report.figure(ck.plot(lens), "A line with error bars.")
+    report.figure(ck.plot_causal_trace(trace), "A causal trace.")
+    report.figure(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])), "A bar chart.")
+    page = report.write(tmp_path / "page.html")
+    shot = tmp_path / "page.png"
+    rendered = render(page, screenshot=shot)
+    assert [m for m in rendered.console if "error" in m.lower()] == []
+    drawn = figures_rendered(rendered.dom)
+    assert len(drawn) == 4 and all(count > 10 for count in drawn), drawn
+    assert 'class="main-svg"' in rendered.dom
+    assert _png_size(shot) == (1280, 2000) and shot.stat().st_size > 20_000
+
+
+def test_a_script_error_is_seen(tmp_path):
+    # the browser check can fail: a page whose script throws is reported
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><script>notAFunction();</script></body></html>")
+    rendered = render(page)
+    assert any("notAFunction" in m for m in rendered.console), rendered.console
+
+
+@pytest.mark.real
+def test_trace_page_on_smollm(smollm, tmp_path):
+    fact = ck.data.FACTS[0]
+    report, traces = trace_report(
+        smollm,
+        fact.prompt,
+        fact.subject,
+        fact.target,
+        kinds=("mlp",),
+        samples=2,
+        progress=False,
+    )
+    assert traces["mlp"].clean_prob == pytest.approx(fact.smollm2_prob, abs=0.01)
+    assert traces["mlp"].corrupted_prob < traces["mlp"].clean_prob
+    page = report.write(tmp_path / "trace.html")
+    rendered = render(page)
+    assert [m for m in rendered.console if "error" in m.lower()] == []
+    assert all(count > 10 for count in figures_rendered(rendered.dom))
+    assert torch.equal(
+        ck.Result.load(tmp_path / "trace_results" / "trace_mlp").values, traces["mlp"].scores.values
+    )
