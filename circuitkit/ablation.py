@@ -166,6 +166,7 @@ def ablation_sweep(
     reference: Any | Int[Tensor, "n_ref pos"] | None = None,
     metric: MetricLike | None = None,
     layer: int | None = None,
+    layers: Sequence[int] | None = None,
     positions: Sequence[int | str] | None = None,
     per_template: bool = False,
     n_samples: int = 1,
@@ -180,8 +181,9 @@ def ablation_sweep(
     ``component`` is a kind: "head" (axes ("layer", "head")), "attn", "mlp", "resid_pre",
     "resid_mid", "resid_post" (axis "layer"), "q", "k", "v", "pattern", or "neuron" with
     ``layer=`` (axis "neuron": every neuron of that layer); or a list of components (axis
-    "component"). ``positions`` also ablates each component at each of those positions
-    separately (ints or dataset words such as "S2"; axis "pos").
+    "component"). ``layers`` restricts a kind's sweep to some layers (axis "layer" labelled
+    with them), e.g. ``range(20, 30)``. ``positions`` also ablates each component at each of
+    those positions separately (ints or dataset words such as "S2"; axis "pos").
 
     ``method``, ``reference``, ``per_template``, ``n_samples``, ``seed`` and
     ``reference_engine`` are as in ``ck.ablate``. Every ablation goes through the batched
@@ -201,7 +203,7 @@ def ablation_sweep(
     method = _check_method(method, where)
     tokens, word_positions = as_tokens(ds, "ds", where)
     metric = default_metric(metric, ds, where)
-    components, axes, labels = _sweep_components(model, component, layer, where)
+    components, axes, labels = _sweep_components(model, component, layer, layers, where)
     _validate(model, components, where)
     pos_items: list[int | str | None] = [None]
     if positions is not None:
@@ -244,6 +246,7 @@ def ablation_sweep(
             "component": component,
             "method": method.value,
             "layer": layer,
+            "layers": layers,
             "positions": positions,
             "per_template": per_template,
             "n_samples": n_samples,
@@ -335,8 +338,17 @@ def _validate(model: HookedTransformer, components: Sequence[Component], where: 
 
 
 def _sweep_components(
-    model: HookedTransformer, component: str | Sequence[Component], layer: int | None, where: str
+    model: HookedTransformer,
+    component: str | Sequence[Component],
+    layer: int | None,
+    layers: Sequence[int] | None,
+    where: str,
 ) -> tuple[list[Component], tuple[str, ...], dict[str, list[str]]]:
+    if layers is not None and (component == "neuron" or not isinstance(component, str)):
+        raise CircuitkitError(
+            f"{where}: layers= restricts a kind such as 'head'; for neurons give layer=, and "
+            "with a list of components list only the ones to ablate"
+        )
     if component == "neuron":
         if layer is None:
             raise ComponentError(f"{where}: a neuron sweep needs layer=..., the layer to sweep")
@@ -352,7 +364,7 @@ def _sweep_components(
     if layer is not None:
         raise CircuitkitError(f"{where}: layer= is only for component='neuron', got {component!r}")
     if isinstance(component, str):
-        return all_components(model, component)
+        return all_components(model, component, layers)
     comps = list(component)
     if not comps or not all(isinstance(c, Component) for c in comps):
         raise CircuitkitError(

@@ -396,13 +396,17 @@ ComponentKind = Literal[
 ]
 
 
-def all_components(model: HookedTransformer, kind: str) -> tuple[list[Component], tuple, dict]:
-    """Every component of ``kind`` in ``model``, with the axes and labels of a sweep over them.
+def all_components(
+    model: HookedTransformer, kind: str, layers: Sequence[int] | None = None
+) -> tuple[list[Component], tuple, dict]:
+    """Every component of ``kind`` in ``model`` (in ``layers`` only, if given), with the axes
+    and labels of a sweep over them.
 
-    Returns ``(components, axes, labels)``: components in row-major order of ``axes``.
+    Returns ``(components, axes, labels)``: components in row-major order of ``axes``; the
+    "layer" axis is labelled with the layers' own numbers.
     """
     cfg = model.cfg
-    layers = range(cfg.n_layers)
+    layers = check_layers(model, layers, kind)
     resid = {"resid_pre": "pre", "resid_mid": "mid", "resid_post": "post"}
     if kind in resid:
         comps: list[Component] = [Resid(layer, resid[kind]) for layer in layers]
@@ -425,3 +429,23 @@ def all_components(model: HookedTransformer, kind: str) -> tuple[list[Component]
         f"unknown component kind {kind!r}; expected one of 'resid_pre', 'resid_mid', "
         f"'resid_post', 'attn', 'mlp', 'head', 'q', 'k', 'v', 'pattern'"
     )
+
+
+def check_layers(
+    model: HookedTransformer, layers: Sequence[int] | None, what: str
+) -> Sequence[int]:
+    """``layers`` checked against the model (every layer when None)."""
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        return range(n_layers)
+    chosen = list(layers) if not isinstance(layers, int) else [layers]
+    if not chosen:
+        raise ComponentError(f"{what}: layers is empty; give some of 0..{n_layers - 1}")
+    for layer in chosen:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise ComponentError(
+                f"{what}: layer {layer!r} is out of range; this model has layers 0..{n_layers - 1}"
+            )
+    if len(set(chosen)) != len(chosen):
+        raise ComponentError(f"{what}: layers repeat: {chosen}")
+    return chosen

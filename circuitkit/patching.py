@@ -52,6 +52,7 @@ def activation_patching(
     direction: Direction = "denoise",
     per_position: bool = False,
     positions: Sequence[int | str] | None = None,
+    layers: Sequence[int] | None = None,
     reference: bool = False,
     memory_budget: int | None = None,
     keep_examples: bool = True,
@@ -63,7 +64,9 @@ def activation_patching(
     head's output z), "q", "k", "v", "pattern"; or a list of components (axis "component").
     With ``per_position=True`` each component is also patched at each position separately
     (axis "pos"); ``positions`` restricts that axis to some positions, given as ints or as
-    dataset words ("S2", "end"; resolved per example).
+    dataset words ("S2", "end"; resolved per example). ``layers`` restricts a kind's sweep to
+    some layers (``range(20, 30)``: the last ten of smollm2-135m), which saves the time of the
+    others.
 
     ``clean`` and ``corrupted`` are datasets (with ``.tokens`` and ``.positions``) or token
     tensors of the same shape; ``metric`` is per example (``ck.metrics.logit_diff(ds)``) and
@@ -91,7 +94,7 @@ def activation_patching(
     metric = default_metric(metric, clean, where)
     word_positions = clean_positions if clean_positions is not None else corrupted_positions
 
-    components, axes, labels = _components(model, component)
+    components, axes, labels = _components(model, component, layers)
     for comp in components:
         comp.validate(model)
     if direction == "denoise":
@@ -146,6 +149,7 @@ def activation_patching(
             "direction": direction,
             "per_position": per_position,
             "positions": positions,
+            "layers": layers,
             "reference": reference,
             "memory_budget": memory_budget,
             "keep_examples": keep_examples,
@@ -167,10 +171,10 @@ def activation_patching(
 
 
 def _components(
-    model: HookedTransformer, component: str | Sequence[Component]
+    model: HookedTransformer, component: str | Sequence[Component], layers: Sequence[int] | None
 ) -> tuple[list[Component], tuple[str, ...], dict[str, list[str]]]:
     if isinstance(component, str):
-        comps, axes, labels = all_components(model, component)
+        comps, axes, labels = all_components(model, component, layers)
         n_kv = model.cfg.n_key_value_heads
         if component in ("k", "v") and n_kv is not None and n_kv != model.cfg.n_heads:
             group = model.cfg.n_heads // n_kv
@@ -181,6 +185,11 @@ def _components(
                 {"layer": labels["layer"], "kv_head": [str(g) for g in range(n_kv)]},
             )
         return comps, axes, labels
+    if layers is not None:
+        raise CircuitkitError(
+            "activation_patching: layers= restricts a kind such as 'head'; with a list of "
+            "components, list only the ones to patch"
+        )
     comps = list(component)
     if not comps or not all(isinstance(c, Component) for c in comps):
         raise CircuitkitError(

@@ -502,3 +502,18 @@ def test_smollm_mean_ablation(smollm):
     torch.testing.assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-4)
     assert fast.values.std() > 1e-3
     assert_unchanged(smollm, before)
+
+
+def test_sweep_over_some_layers(tiny_gpt2):
+    ds = ck.IOIDataset(tiny_gpt2, n=4, seed=5)
+    abc = ds.corrupted("ABC")
+    kwargs = dict(method="mean", reference=abc, progress=False)
+    full = ck.ablation_sweep(tiny_gpt2, ds, "head", **kwargs)
+    last = ck.ablation_sweep(tiny_gpt2, ds, "head", layers=[2], **kwargs)
+    assert last.labels["layer"] == ["2"]
+    torch.testing.assert_close(last.examples, full.examples[[2]], atol=1e-6, rtol=0)
+    assert full.values.std() > 1e-4
+    with pytest.raises(ck.ComponentError, match="out of range"):
+        ck.ablation_sweep(tiny_gpt2, ds, "mlp", layers=[3], **kwargs)
+    with pytest.raises(ck.CircuitkitError, match="for neurons give layer="):
+        ck.ablation_sweep(tiny_gpt2, ds, "neuron", layer=1, layers=[1], **kwargs)

@@ -208,3 +208,26 @@ def test_equals_transformer_lens_on_smollm(smollm):
         progress=False,
     )
     assert_close(layers.values, reference.values, atol=1e-4, rtol=0)
+
+
+def test_layers_restrict_a_sweep_to_those_layers(tiny_llama):
+    clean, corrupted, metric = random_pair(tiny_llama, seed=8)
+    kwargs = dict(per_position=True, progress=False)
+    full = ck.activation_patching(tiny_llama, clean, corrupted, "head", metric, **kwargs)
+    some = ck.activation_patching(
+        tiny_llama, clean, corrupted, "head", metric, layers=[2, 0], **kwargs
+    )
+    assert some.labels["layer"] == ["2", "0"] and some.shape[1:] == full.shape[1:]
+    assert_close(some.values, full.values[[2, 0]], atol=1e-6, rtol=0)
+    assert some.provenance["args"]["layers"] == [2, 0]
+    kv = ck.activation_patching(tiny_llama, clean, corrupted, "k", metric, layers=range(1, 3))
+    assert kv.axes == ("layer", "kv_head") and kv.labels["layer"] == ["1", "2"]
+    for bad, message in [
+        ([7], "layer 7 is out of range"),
+        ([], "layers is empty"),
+        ([1, 1], "layers repeat"),
+    ]:
+        with pytest.raises(ComponentError, match=message):
+            ck.activation_patching(tiny_llama, clean, corrupted, "head", metric, layers=bad)
+    with pytest.raises(CircuitkitError, match="layers= restricts a kind"):
+        ck.activation_patching(tiny_llama, clean, corrupted, [ck.MLP(0)], metric, layers=[0])
