@@ -573,25 +573,21 @@ def _edge_scores(
 ) -> Float[Tensor, "b receiver sender"]:
     """``(out_u(other) - out_u(base)) . g_v`` for every edge of a batch, with ``g_v`` the
     receivers' gradients (by hook name, ``LOGITS`` for the final residual stream) averaged over
-    the ``n_steps`` runs stacked along their batch."""
+    the ``n_steps`` runs stacked along their batch. All pairs are one batched matrix product;
+    pairs that are not edges are set to 0."""
     b = other_outputs.n
-    # other minus base, per sender: [b, pos, sender, d_model]
+    # other minus base: [b, sender, pos, d_model]
     deltas = sender_deltas(model, graph, other_outputs, base_outputs)
     mean = {name: g.view(n_steps, b, *g.shape[1:]).mean(0) for name, g in gradient.items()}
-    scores = torch.zeros(b, len(graph.receivers), len(graph.senders), device=deltas.device)
+    received = deltas.new_empty(b, len(graph.receivers), *deltas.shape[2:])
     for layer in range(graph.n_layers):
-        attn_grad = torch.cat([mean[input_hook_name(layer, p)] for p in ("q", "k", "v")], dim=2)
-        k = graph.senders_before(layer)
-        scores[:, graph.attn_rows(layer), :k] = torch.einsum(
-            "bpsd,bprd->brs", deltas[:, :, :k], attn_grad
-        ).float()
+        heads = [mean[input_hook_name(layer, part)] for part in ("q", "k", "v")]
+        received[:, graph.attn_rows(layer)] = torch.cat(heads, dim=2).transpose(1, 2)
         if graph.has_mlp:
-            k = graph.senders_into_mlp(layer)
-            scores[:, graph.mlp_row(layer), :k] = torch.einsum(
-                "bpsd,bpd->bs", deltas[:, :, :k], mean[input_hook_name(layer, "mlp")]
-            ).float()
-    scores[:, graph.logits_row] = torch.einsum("bpsd,bpd->bs", deltas, mean[LOGITS]).float()
-    return scores
+            received[:, graph.mlp_row(layer)] = mean[input_hook_name(layer, "mlp")]
+    received[:, graph.logits_row] = mean[LOGITS]
+    scores = torch.bmm(received.flatten(2), deltas.flatten(2).transpose(1, 2))
+    return scores.float() * graph.valid.to(scores.device)
 
 
 def _edge_reference(

@@ -472,17 +472,16 @@ def _head_outputs(model: HookedTransformer, layer: int, z: Tensor) -> Tensor:
 
 def sender_deltas(
     model: HookedTransformer, graph: Graph, outputs: SenderOutputs, replacement: SenderOutputs
-) -> Float[Tensor, "n pos sender d_model"]:
-    """``out_u - replacement_u`` for every sender ``u``, stacked in the graph's sender order."""
+) -> Float[Tensor, "n sender pos d_model"]:
+    """``out_u - replacement_u`` for every sender ``u``, in the graph's sender order."""
     n, n_pos = outputs.embed.shape[:2]
-    deltas = outputs.embed.new_empty(n, n_pos, len(graph.senders), model.cfg.d_model)
-    deltas[:, :, 0] = outputs.embed - replacement.embed
+    deltas = outputs.embed.new_empty(n, len(graph.senders), n_pos, model.cfg.d_model)
+    deltas[:, 0] = outputs.embed - replacement.embed
     for layer in range(graph.n_layers):
         z_delta = outputs.z[layer] - replacement.z[layer]
-        deltas[:, :, graph.head_columns(layer)] = _head_outputs(model, layer, z_delta)
+        deltas[:, graph.head_columns(layer)] = _head_outputs(model, layer, z_delta).transpose(1, 2)
         if graph.has_mlp:
-            mlp_delta = outputs.mlp_out[layer] - replacement.mlp_out[layer]
-            deltas[:, :, graph.mlp_column(layer)] = mlp_delta
+            deltas[:, graph.mlp_column(layer)] = outputs.mlp_out[layer] - replacement.mlp_out[layer]
     return deltas
 
 
@@ -670,7 +669,8 @@ def _patch_edges_fast(
         tuple(recorded[name] for name in z_names),
         tuple(recorded[name] for name in mlp_names),
     )
-    base_deltas = sender_deltas(model, graph, base_outputs, replacement)
+    # senders first: a run's correction is one matrix product over a prefix of the senders
+    base_deltas = sender_deltas(model, graph, base_outputs, replacement).transpose(0, 1)
 
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     inputs_per_position = (cfg.n_heads + 2 * graph.n_kv_heads + 1) * cfg.d_model * 4
@@ -694,9 +694,8 @@ def _patch_edges_fast(
                 residual = _run_blocks(model, tokens, c, start, 0, n_layers, base)
                 row = graph.logits_row
                 if chunk_masks[:, row].any():
-                    residual = residual - _correction(deltas, weights[:, row : row + 1]).view(
-                        residual.shape
-                    )
+                    correction = _correction(deltas, weights[:, row : row + 1])
+                    residual = residual - correction.reshape(residual.shape)
                 values = _read_metric(model, residual, metric, c, n, 0, base)
             results[torch.tensor(chunk)] = values.float().cpu()
             bar.update(c)
@@ -705,10 +704,11 @@ def _patch_edges_fast(
 
 def _correction(deltas: Tensor, weights: Tensor) -> Tensor:
     """[c, n, pos, receiver, d_model]: for each run and receiver, the sum of the patched senders'
-    deltas. ``deltas`` [c, n, pos, sender, d_model] holds at least the senders ``weights`` [c,
+    deltas. ``deltas`` [c, sender, n, pos, d_model] holds at least the senders ``weights`` [c,
     receiver, sender] covers (the first ones)."""
-    n_senders = weights.shape[-1]
-    return torch.einsum("cnpsd,crs->cnprd", deltas[:, :, :, :n_senders], weights)
+    c, n_receivers, n_senders = weights.shape
+    summed = torch.bmm(weights, deltas[:, :n_senders].reshape(c, n_senders, -1))
+    return summed.view(c, n_receivers, *deltas.shape[2:]).permute(0, 2, 3, 1, 4)
 
 
 def _edge_hooks(
@@ -733,13 +733,14 @@ def _edge_hooks(
 
         def record_heads(z: Tensor, layer: int = layer) -> None:
             z_delta = view(z) - replacement.z[layer]
-            deltas[:, :, :, graph.head_columns(layer)] = _head_outputs(model, layer, z_delta)
+            out = _head_outputs(model, layer, z_delta)  # [c, n, pos, head, d_model]
+            deltas[:, graph.head_columns(layer)] = out.permute(0, 3, 1, 2, 4)
 
         hooks.append((Head(layer, 0).hook_name(model), record_heads))
         if graph.has_mlp:
 
             def record_mlp(out: Tensor, layer: int = layer) -> None:
-                deltas[:, :, :, graph.mlp_column(layer)] = view(out) - replacement.mlp_out[layer]
+                deltas[:, graph.mlp_column(layer)] = view(out) - replacement.mlp_out[layer]
 
             hooks.append((MLP(layer).hook_name(model), record_mlp))
 
