@@ -85,7 +85,7 @@ from circuitkit.graph import (
     split_inputs,
 )
 from circuitkit.inputs import as_tokens, check_same_shape, default_metric
-from circuitkit.metrics import Metric, check_metric_output
+from circuitkit.metrics import Metric, check_metric_output, select_examples
 from circuitkit.patching import sweep_cells
 from circuitkit.results import Result
 
@@ -320,46 +320,25 @@ def _gradients(output: Tensor, inputs: list[Tensor]) -> tuple[Tensor, ...]:
     return torch.autograd.grad(output, inputs, allow_unused=True, materialize_grads=True)
 
 
-def _metric_rows(
+def _metric_of_batch(
     model: HookedTransformer,
     residual: Float[Tensor, "batch pos d_model"],
     metric: MetricLike,
-    rows: Tensor,
-    n: int,
     n_steps: int,
     where: str,
 ) -> Float[Tensor, "n_steps b"]:
-    """The metric of examples ``rows`` (of ``n``) from their final residual stream, stacked
-    ``n_steps`` times along the batch (step-major).
-
-    A metric is made for all ``n`` examples, so a batch of fewer is put into rows of an input
-    for all of them whose other rows are zeros; each example's value depends on its own row
-    only, so the gradient reaches the batch's rows alone.
-    """
-    b = len(rows)
-    device = residual.device
-    rows = rows.to(device)
+    """The metric from the final residual stream of a batch of ``b`` examples stacked ``n_steps``
+    times (step-major); ``metric`` is made for those ``b`` examples (``select_examples``)."""
+    b = residual.shape[0] // n_steps
     if isinstance(metric, Metric):
-        read = metric.positions.to(device)[rows].repeat(n_steps)
-        resid_at = residual[torch.arange(n_steps * b, device=device), read]
+        read = metric.positions.to(residual.device).repeat(n_steps)
+        resid_at = residual[torch.arange(n_steps * b, device=residual.device), read]
         logits_at = _unembed(model, resid_at[:, None, :])[:, 0].view(n_steps, b, -1)
-        if b < n:
-            full = logits_at.new_zeros(n_steps, n, logits_at.shape[-1])
-            logits_at = full.index_copy(1, rows, logits_at)
         values = metric.at(logits_at)
-        values = values[:, rows] if b < n else values
         check_metric_output(values.reshape(-1), n_steps * b, where)
         return values
     logits = _unembed(model, residual).view(n_steps, b, *residual.shape[1:2], -1)
-    out = []
-    for step in range(n_steps):
-        step_logits = logits[step]
-        if b < n:
-            full = step_logits.new_zeros(n, *step_logits.shape[1:])
-            step_logits = full.index_copy(0, rows, step_logits)
-        values = check_metric_output(metric(step_logits), len(step_logits), where)
-        out.append(values[rows] if b < n else values)
-    return torch.stack(out)
+    return torch.stack([check_metric_output(metric(step), b, where) for step in logits])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +390,8 @@ def _node_attribution(
         hooks = [(name, lambda act, name=name: keep(act, name)) for name in leaves | set(names)]
         with torch.enable_grad(), _hooks_added(model, hooks):
             residual = model(base[rows], stop_at_layer=model.cfg.n_layers)
-            values = _metric_rows(model, residual, metric, rows, n, 1, "attribution_patching")[0]
+            batch_metric = select_examples(metric, rows, n) if len(rows) < n else metric
+            values = _metric_of_batch(model, residual, batch_metric, 1, "attribution_patching")[0]
             grads = _gradients(values.sum(), [acts[name] for name in names])
         base_values[rows] = values.detach().float().cpu()
         for name, grad in zip(names, grads, strict=True):
@@ -542,8 +522,9 @@ def _edge_attribution(
             ]
             with torch.enable_grad(), _hooks_added(model, hooks):
                 residual = model(base[device_rows].repeat(n_steps, 1), stop_at_layer=n_layers)
-                values = _metric_rows(
-                    model, residual, metric, rows, n, n_steps, "edge_attribution_patching"
+                batch_metric = select_examples(metric, rows, n) if b < n else metric
+                values = _metric_of_batch(
+                    model, residual, batch_metric, n_steps, "edge_attribution_patching"
                 )
                 grads = _gradients(
                     values.sum(), [received[name] for name in input_names] + [residual]

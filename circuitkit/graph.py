@@ -67,10 +67,11 @@ from circuitkit.engine import (
     _hooks_added,
     _read_metric,
     _run_blocks,
+    default_memory_budget,
 )
 from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.inputs import as_tokens
-from circuitkit.metrics import Metric, check_metric_output
+from circuitkit.metrics import Metric, check_metric_output, select_examples
 from circuitkit.results import Result
 
 LOGITS = "logits"
@@ -648,12 +649,55 @@ def _patch_edges_fast(
 ) -> Float[Tensor, "n_runs n"]:
     cfg = model.cfg
     n, n_pos = tokens.shape
-    n_layers = cfg.n_layers
+    # A run holds every sender's delta for every example, so one run of many examples can
+    # outgrow the budget by itself: then the examples are taken in groups, each run in turn.
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    inputs_per_position = (cfg.n_heads + 2 * graph.n_kv_heads + 1) * cfg.d_model * 4
+    per_example = _bytes_per_run(model, 1, n_pos, n_pos, full_logits=False) + itemsize * n_pos * (
+        len(graph.senders) * cfg.d_model + inputs_per_position
+    )
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+    group = max(1, min(n, int(budget // per_example)))
+    size = _chunk_size(model, per_example * group, budget, max_runs_per_chunk)
+
     # A run changes nothing before its first receiver with a patched edge.
     touched = masks.any(dim=2)
-    first = torch.where(touched, graph.receiver_layers, n_layers).min(dim=1).values
+    first = torch.where(touched, graph.receiver_layers, cfg.n_layers).min(dim=1).values
     starts = [(int(layer), 0) for layer in first]
+    results = torch.empty(len(masks), n)
+    n_groups = -(-n // group)
+    with tqdm(total=len(masks) * n_groups, desc=desc, disable=not progress, leave=False) as bar:
+        for begin in range(0, n, group):
+            rows = torch.arange(begin, min(begin + group, n))
+            results[:, rows] = _patch_edges_group(
+                model,
+                graph,
+                tokens[rows.to(tokens.device)],
+                masks,
+                starts,
+                select_examples(metric, rows, n) if len(rows) < n else metric,
+                replacement.rows(rows.to(tokens.device)),
+                size,
+                bar,
+            )
+    return results
 
+
+def _patch_edges_group(
+    model: HookedTransformer,
+    graph: Graph,
+    tokens: Tensor,
+    masks: Tensor,
+    starts: list[tuple[int, int]],
+    metric: MetricLike,
+    replacement: SenderOutputs,
+    size: int,
+    bar: Any,
+) -> Float[Tensor, "n_runs n"]:
+    """Every run on the examples ``tokens``, in chunks of at most ``size`` runs that start at
+    the same layer."""
+    cfg = model.cfg
+    n, n_layers = tokens.shape[0], cfg.n_layers
     recorded: dict[str, Tensor] = {}
     embed_name = Resid(0, "pre").hook_name(model)
     z_names = [Head(layer, 0).hook_name(model) for layer in range(n_layers)]
@@ -672,33 +716,25 @@ def _patch_edges_fast(
     # senders first: a run's correction is one matrix product over a prefix of the senders
     base_deltas = sender_deltas(model, graph, base_outputs, replacement).transpose(0, 1)
 
-    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
-    inputs_per_position = (cfg.n_heads + 2 * graph.n_kv_heads + 1) * cfg.d_model * 4
-    per_run = _bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + itemsize * n * n_pos * (
-        len(graph.senders) * cfg.d_model + inputs_per_position
-    )
-    size = _chunk_size(model, per_run, memory_budget, max_runs_per_chunk)
-
     results = torch.empty(len(masks), n)
-    with tqdm(total=len(masks), desc=desc, disable=not progress, leave=False) as bar:
-        for chunk in _chunks(starts, lambda start: size):
-            c = len(chunk)
-            start = starts[chunk[0]][0]
-            chunk_masks = masks[chunk]
-            weights = chunk_masks.to(device=tokens.device, dtype=cfg.dtype)
-            deltas = base_deltas.expand(c, *base_deltas.shape).clone()
-            hooks = _edge_hooks(
-                model, graph, chunk_masks.any(dim=(0, 2)), weights, deltas, replacement, c, n, start
-            )
-            with _hooks_added(model, hooks):
-                residual = _run_blocks(model, tokens, c, start, 0, n_layers, base)
-                row = graph.logits_row
-                if chunk_masks[:, row].any():
-                    correction = _correction(deltas, weights[:, row : row + 1])
-                    residual = residual - correction.reshape(residual.shape)
-                values = _read_metric(model, residual, metric, c, n, 0, base)
-            results[torch.tensor(chunk)] = values.float().cpu()
-            bar.update(c)
+    for chunk in _chunks(starts, lambda start: size):
+        c = len(chunk)
+        start = starts[chunk[0]][0]
+        chunk_masks = masks[chunk]
+        weights = chunk_masks.to(device=tokens.device, dtype=cfg.dtype)
+        deltas = base_deltas.expand(c, *base_deltas.shape).clone()
+        hooks = _edge_hooks(
+            model, graph, chunk_masks.any(dim=(0, 2)), weights, deltas, replacement, c, n, start
+        )
+        with _hooks_added(model, hooks):
+            residual = _run_blocks(model, tokens, c, start, 0, n_layers, base)
+            row = graph.logits_row
+            if chunk_masks[:, row].any():
+                correction = _correction(deltas, weights[:, row : row + 1])
+                residual = residual - correction.reshape(residual.shape)
+            values = _read_metric(model, residual, metric, c, n, 0, base)
+        results[torch.tensor(chunk)] = values.float().cpu()
+        bar.update(c)
     return results
 
 

@@ -149,6 +149,22 @@ def test_fast_equals_reference_on_random_runs(tiny_llama, seed, density):
     assert_close(fast, slow, atol=2e-5, rtol=1e-5)
 
 
+def test_examples_in_groups_when_one_run_outgrows_the_budget(tiny_gpt2):
+    clean, corrupted, metric = random_pair(tiny_gpt2, seed=11, n=5)
+    graph = ck.Graph.of(tiny_gpt2)
+    masks = random_masks(graph, seed=11)
+    replacement = ck.sender_outputs(tiny_gpt2, corrupted)
+
+    def plain(logits):  # a callable on the full logits
+        return metric(logits)
+
+    kwargs = dict(replacement=replacement, progress=False)
+    whole = ck.patch_edges(tiny_gpt2, clean, masks, metric, **kwargs)
+    for chosen in (metric, plain):
+        grouped = ck.patch_edges(tiny_gpt2, clean, masks, chosen, memory_budget=1, **kwargs)
+        assert_close(grouped, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_no_patched_edges_is_the_plain_model(tiny_model):
     clean, corrupted, metric = random_pair(tiny_model, seed=1)
     replacement = ck.sender_outputs(tiny_model, corrupted)
