@@ -958,9 +958,15 @@ class EdgeScores(Result):
         receivers, senders = self.info["receivers"], self.info["senders"]
         receiver = edge.receiver
         if isinstance(receiver, Head) and receiver.part in ("k", "v"):
-            group = [r for r in receivers if isinstance(r, Head) and r.part == receiver.part]
-            group = [r for r in group if r.layer == receiver.layer and r.head <= receiver.head]
-            receiver = max(group, key=lambda r: r.head) if group else receiver
+            # a group's receiver is named by its first query head: the last name up to this head
+            names = [
+                r
+                for r in receivers
+                if isinstance(r, Head)
+                and (r.layer, r.part) == (receiver.layer, receiver.part)
+                and r.head <= receiver.head
+            ]
+            receiver = names[-1] if names else receiver
         if receiver not in receivers or edge.sender not in senders:
             raise ComponentError(f"EdgeScores.score: the graph has no edge {edge.label}")
         r, s = receivers.index(receiver), senders.index(edge.sender)

@@ -134,14 +134,7 @@ def test_equals_activation_patching_where_the_metric_is_linear(tiny_attn_only, d
     model = tiny_attn_only
     clean, corrupted, metric = random_pair(model, seed=3, fixed_end=True)
     base = corrupted if direction == "denoise" else clean
-    sweeps = [
-        ("resid_pre", True),
-        ("attn", True),
-        ("head", False),
-        ("head", True),
-        ("v", False),
-        ("resid_post", True),
-    ]
+    sweeps = [("resid_pre", True), ("attn", False), ("head", True), ("v", False)]
     with frozen(model, base.tokens):
         for kind, per_position in sweeps:
             kwargs = dict(direction=direction, per_position=per_position, progress=False)
@@ -205,15 +198,15 @@ def test_eap_equals_reference(kind, method):
     graph = ck.Graph.of(model)
     direction = "denoise" if method == "eap" else "noise"
     fast = ck.edge_attribution_patching(
-        model, clean, corrupted, metric, method=method, steps=3, direction=direction, progress=False
+        model, clean, corrupted, metric, method=method, steps=2, direction=direction, progress=False
     )
     # a sample of edges, with every kind of receiver, for the one-pass-per-edge reference
     g = torch.Generator().manual_seed(5)
     valid = graph.valid.nonzero()
-    sample = valid[torch.randperm(len(valid), generator=g)[:40]].tolist()
+    sample = valid[torch.randperm(len(valid), generator=g)[:24]].tolist()
     sample += [[graph.logits_row, 0], [graph.attn_rows(2).stop - 1, 1]]
     base, other = (clean, corrupted) if direction == "noise" else (corrupted, clean)
-    steps = 3 if method == "eap-ig" else 1
+    steps = 2 if method == "eap-ig" else 1
     slow, base_values = _edge_reference(
         model, graph, base.tokens, other.tokens, metric, steps, sample, False, ""
     )
@@ -370,21 +363,20 @@ def test_bad_inputs(tiny_gpt2):
 @pytest.mark.real
 def test_fast_equals_reference_on_smollm(smollm):
     clean, corrupted, metric = random_pair(smollm, seed=11, n=2, n_pos=8)
-    comps = [ck.Head(9, 6).at("end"), ck.Head(14, 2).v]
+    comps = [ck.Head(9, 6).at("end")]
     kwargs = dict(progress=False)
     fast = ck.attribution_patching(smollm, clean, corrupted, metric, comps, **kwargs)
     slow = ck.attribution_patching(
         smollm, clean, corrupted, metric, comps, reference=True, **kwargs
     )
     assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-3)
-    assert (fast.values - fast.info["base"]).abs().min() > 1e-4
+    assert (fast.values - fast.info["base"]).abs().min() > 1e-3
 
     graph = ck.Graph.of(smollm)
     scores = ck.edge_attribution_patching(smollm, clean, corrupted, metric, **kwargs)
     edges = [
         ck.Edge(ck.Head(9, 6), "logits"),
-        ck.Edge(ck.Embed(), ck.Head(3, 5).k),  # query head 5 reads key/value head 1
-        ck.Edge(ck.MLP(4), ck.Head(20, 8).v),
+        ck.Edge(ck.MLP(4), ck.Head(20, 5).k),  # query head 5 reads key/value head 1
     ]
     sample = [graph.index(edge) for edge in edges]
     slow_scores, _ = _edge_reference(

@@ -4,10 +4,11 @@ one-forward-per-run reference, and identities that pin down what patching an edg
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
-from _device import assert_close, equal
+from _device import DEVICE, assert_close, equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -113,10 +114,28 @@ def test_which_edges_exist(tiny_gpt2):
     assert repr(ck.Edge(ck.Head(0, 3), ck.Head(1, 0).v)) == "Edge(Head(0, 3) -> Head(1, 0).v)"
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "attn-only", "llama"])
+def parallel_model():
+    """A GPT-J-style block: attention and MLP read the same residual stream."""
+    model = models.tiny_model("gpt2", seed=3).to(DEVICE)
+    model.cfg.parallel_attn_mlp = True
+    return model
+
+
+def test_parallel_blocks_and_unsupported_models():
+    graph = ck.Graph.of(parallel_model())
+    with pytest.raises(ComponentError, match="there is no edge"):
+        graph.index(ck.Edge(ck.Head(1, 2), ck.MLP(1)))  # read at the same time, not before
+    graph.index(ck.Edge(ck.Head(0, 2), ck.MLP(1)))
+    post_norm = SimpleNamespace(cfg=copy.copy(models.tiny_model("gpt2").cfg))
+    post_norm.cfg.use_normalization_before_and_after = True
+    with pytest.raises(CircuitkitError, match="not a sum of node outputs"):
+        ck.Graph.of(post_norm)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "attn-only", "llama", "parallel"])
 @pytest.mark.parametrize("mean", [False, True])
 def test_fast_equals_reference(kind, mean):
-    model = models.tiny_model(kind)
+    model = parallel_model() if kind == "parallel" else models.tiny_model(kind).to(DEVICE)
     clean, corrupted, metric = random_pair(model, seed=len(kind) + mean)
     graph = ck.Graph.of(model)
     replacement = ck.sender_outputs(model, corrupted)
@@ -201,7 +220,9 @@ def test_every_edge_into_the_logits_reads_the_replacement(tiny_model, mean):
     assert (expected - plain).abs().max() > 1e-2
 
 
-def test_every_edge_out_of_a_node_is_patching_the_node(tiny_model):
+@pytest.mark.parametrize("kind", ["gpt2", "attn-only", "llama", "parallel"])
+def test_every_edge_out_of_a_node_is_patching_the_node(kind):
+    tiny_model = parallel_model() if kind == "parallel" else models.tiny_model(kind).to(DEVICE)
     clean, corrupted, metric = random_pair(tiny_model, seed=3)
     graph = ck.Graph.of(tiny_model)
     other = ck.sender_outputs(tiny_model, corrupted)
@@ -355,7 +376,7 @@ def test_patch_edges_on_smollm(smollm):
     assert graph.n_edges == 70_651
     clean, corrupted, metric = random_pair(smollm, seed=9, n=2, n_pos=6)
     replacement = ck.sender_outputs(smollm, corrupted).mean()
-    masks = random_masks(graph, 9, densities=(0.001, 0.5))
+    masks = random_masks(graph, 9, densities=(0.002, 0.05))
     kwargs = dict(replacement=replacement, progress=False)
     fast = ck.patch_edges(smollm, clean, masks, metric, **kwargs)
     slow = ck.patch_edges(smollm, clean, masks, metric, reference=True, **kwargs)
