@@ -176,11 +176,13 @@ class Graph:
                 "adding them to the residual stream, so the stream is not a sum of node outputs "
                 "and its graph has no edges to patch"
             )
-        grouped = cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
+        n_kv_heads = cfg.n_key_value_heads
+        if n_kv_heads is None or cfg.ungroup_grouped_query_attention:
+            n_kv_heads = cfg.n_heads
         return cls(
             n_layers=cfg.n_layers,
             n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_key_value_heads if grouped else cfg.n_heads,
+            n_kv_heads=n_kv_heads,
             has_mlp=not cfg.attn_only,
             parallel=bool(cfg.parallel_attn_mlp),
         )
@@ -378,11 +380,11 @@ def split_inputs(model: HookedTransformer) -> Iterator[None]:
     """Within the block, every head's query, key and value input and every MLP's input is its own
     activation (``cfg.use_split_qkv_input``, ``cfg.use_hook_mlp_in``); both flags are put back as
     they were on exit, also when an exception is raised."""
-    configs = {
-        id(module.cfg): module.cfg
-        for module in model.modules()
-        if isinstance(getattr(module, "cfg", None), HookedTransformerConfig)
-    }
+    configs: dict[int, HookedTransformerConfig] = {}
+    for module in model.modules():
+        cfg = getattr(module, "cfg", None)
+        if isinstance(cfg, HookedTransformerConfig):
+            configs[id(cfg)] = cfg
     saved = [(cfg, cfg.use_split_qkv_input, cfg.use_hook_mlp_in) for cfg in configs.values()]
     try:
         for cfg, _, _ in saved:
