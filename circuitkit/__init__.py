@@ -12,6 +12,7 @@ Example::
 from circuitkit import metrics, provenance
 from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
 from circuitkit.attribution import direct_logit_attribution, logit_lens
+from circuitkit.attribution_patching import attribution_patching, edge_attribution_patching
 from circuitkit.causal_tracing import (
     CausalEffects,
     CausalTrace,
@@ -43,6 +44,7 @@ from circuitkit.errors import (
     ShapeError,
     TokenizationError,
 )
+from circuitkit.graph import Edge, EdgeScores, Graph, SenderOutputs, patch_edges, sender_outputs
 from circuitkit.models import load_model, load_tokenizer, tiny_model
 from circuitkit.patching import activation_patching
 from circuitkit.path_patching import path_patching
@@ -62,7 +64,10 @@ __all__ = [
     "Comparison",
     "Component",
     "ComponentError",
+    "Edge",
+    "EdgeScores",
     "Embed",
+    "Graph",
     "Head",
     "IOIDataset",
     "Intervention",
@@ -77,13 +82,16 @@ __all__ = [
     "ResultFileError",
     "Scale",
     "SetTo",
+    "SenderOutputs",
     "ShapeError",
     "TokenizationError",
     "Zero",
     "ablate",
     "ablation_sweep",
     "activation_patching",
+    "attribution_patching",
     "direct_logit_attribution",
+    "edge_attribution_patching",
     "average_indirect_effect",
     "causal_effects",
     "causal_trace",
@@ -93,12 +101,14 @@ __all__ = [
     "load_tokenizer",
     "logit_lens",
     "metrics",
+    "patch_edges",
     "path_patching",
     "plot",
     "plot_causal_trace",
     "provenance",
     "record_activations",
     "run_interventions",
+    "sender_outputs",
     "tiny_model",
     "trace_token_probability",
 ]

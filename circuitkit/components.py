@@ -303,6 +303,26 @@ def kv_head_of(model: HookedTransformer, head: int) -> int:
     return head // (model.cfg.n_heads // n_kv)
 
 
+InputPart = Literal["q", "k", "v", "mlp"]
+
+
+def input_hook_name(layer: int, part: InputPart) -> str:
+    """The hook of the inputs of ``layer``'s heads' queries, keys or values (``part`` "q", "k",
+    "v": [batch, pos, head, d_model], one residual stream copy per head, or per key/value head
+    in a grouped-query model), or of its MLP ("mlp": [batch, pos, d_model]).
+
+    TransformerLens computes these only while ``cfg.use_split_qkv_input`` (queries, keys,
+    values) or ``cfg.use_hook_mlp_in`` (the MLP) is set; ``circuitkit.graph.split_inputs``
+    sets them for the length of a block. Each is the residual stream that one receiver reads,
+    before its layer norm, so changing it changes what that receiver alone sees.
+    """
+    if part == "mlp":
+        return f"blocks.{layer}.hook_mlp_in"
+    if part not in ("q", "k", "v"):
+        raise ComponentError(f"input_hook_name: part must be 'q', 'k', 'v' or 'mlp', got {part!r}")
+    return f"blocks.{layer}.hook_{part}_input"
+
+
 def _with_pos(text: str, pos: PosSpec) -> str:
     return text if pos is None else f"{text}.at({pos!r})"
 

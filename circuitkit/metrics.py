@@ -82,6 +82,44 @@ def check_metric_output(values: Tensor, n: int, where: str) -> Tensor:
     return values
 
 
+def select_examples(
+    metric: Metric | Callable[[Tensor], Tensor], rows: Int[Tensor, "b"], n: int
+) -> Metric | Callable[[Tensor], Tensor]:
+    """``metric`` (made for ``n`` examples) on the examples ``rows`` alone, for methods that
+    take the examples in batches.
+
+    A metric knows its examples (their answers, the positions it reads), so the batch's logits
+    are put into their rows of an all-zero input for all ``n`` examples and only those rows of
+    the result are kept. Each example's value depends on its own row only, so the values, and
+    their gradients, are the batch's. A ``Metric`` gives a ``Metric`` (reading the batch's
+    positions), a plain callable a callable.
+
+    Example::
+
+        first = select_examples(metric, torch.arange(10), n=50)
+        first.at(logits_at[:10])        # == metric.at(logits_at)[:10]
+    """
+    rows = rows.detach().long().cpu()
+
+    def put(logits: Tensor, dim: int) -> Tensor:
+        shape = list(logits.shape)
+        shape[dim] = n
+        return logits.new_zeros(shape).index_copy(dim, rows.to(logits.device), logits)
+
+    if isinstance(metric, Metric):
+
+        def fn(logits_at: Tensor) -> Tensor:
+            return metric.fn(put(logits_at, logits_at.ndim - 2))[..., rows.to(logits_at.device)]
+
+        return Metric(metric.name, metric.positions[rows], fn)
+
+    def selected(logits: Tensor) -> Tensor:
+        return metric(put(logits, 0))[rows.to(logits.device)]
+
+    selected.__name__ = getattr(metric, "__name__", "metric")
+    return selected
+
+
 # -- metrics of the IOI task ---------------------------------------------------------------
 #
 # Each builder reads the answers and positions from a dataset (anything with ``io_tokens``,

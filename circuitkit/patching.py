@@ -94,41 +94,19 @@ def activation_patching(
     metric = default_metric(metric, clean, where)
     word_positions = clean_positions if clean_positions is not None else corrupted_positions
 
-    components, axes, labels = _components(model, component, layers)
-    for comp in components:
-        comp.validate(model)
+    components, cells, axes, labels = sweep_cells(
+        model, component, clean_tokens, per_position, positions, where, layers=layers
+    )
     if direction == "denoise":
         base, source = corrupted_tokens, clean_tokens
     else:
         base, source = clean_tokens, corrupted_tokens
 
-    pos_items: list[int | str | None] = [None]
-    if per_position or positions is not None:
-        pos_items = (
-            as_index_list(positions)
-            if positions is not None
-            else list(range(clean_tokens.shape[1]))
-        )
-        n_pos = clean_tokens.shape[1]
-        for p in pos_items:
-            if isinstance(p, int) and not -n_pos <= p < n_pos:
-                raise ComponentError(
-                    f"{where}: position {p} is outside the prompt, which has positions "
-                    f"0..{n_pos - 1}"
-                )
-        all_labels = token_labels(model, clean_tokens)
-        labels["pos"] = [all_labels[p] if isinstance(p, int) else p for p in pos_items]
-        axes = (*axes, "pos")
-
     hooks = {comp.hook_name(model) for comp in components}
     _, cache = model.run_with_cache(
         source.to(model.cfg.device), names_filter=lambda name: name in hooks
     )
-    runs = [
-        Intervention(comp if p is None else comp.at(p), Patch(cache[comp.hook_name(model)]))
-        for comp in components
-        for p in pos_items
-    ]
+    runs = [Intervention(cell, Patch(cache[cell.hook_name(model)])) for cell in cells]
     examples = run_interventions(
         model,
         base,
@@ -170,8 +148,45 @@ def activation_patching(
     )
 
 
+def sweep_cells(
+    model: HookedTransformer,
+    component: str | Sequence[Component],
+    tokens: Tensor,
+    per_position: bool,
+    positions: Sequence[int | str] | None,
+    where: str,
+    *,
+    layers: Sequence[int] | None = None,
+) -> tuple[list[Component], list[Component], tuple[str, ...], dict[str, list[str]]]:
+    """``(components, cells, axes, labels)`` of a sweep: the components of ``component`` (in
+    ``layers`` only, if given), and one cell per component and position (each component at
+    each of ``positions``, or at every position with ``per_position``, or whole), in
+    row-major order of ``axes``."""
+    components, axes, labels = _components(model, component, where, layers)
+    for comp in components:
+        comp.validate(model)
+    pos_items: list[int | str | None] = [None]
+    if per_position or positions is not None:
+        n_pos = tokens.shape[1]
+        pos_items = as_index_list(positions) if positions is not None else list(range(n_pos))
+        for p in pos_items:
+            if isinstance(p, int) and not -n_pos <= p < n_pos:
+                raise ComponentError(
+                    f"{where}: position {p} is outside the prompt, which has positions "
+                    f"0..{n_pos - 1}"
+                )
+        all_labels = token_labels(model, tokens)
+        labels["pos"] = [all_labels[p] if isinstance(p, int) else p for p in pos_items]
+        axes = (*axes, "pos")
+    cells = [comp if p is None else comp.at(p) for comp in components for p in pos_items]
+    return components, cells, axes, labels
+
+
 def _components(
-    model: HookedTransformer, component: str | Sequence[Component], layers: Sequence[int] | None
+    model: HookedTransformer,
+    component: str | Sequence[Component],
+    where: str,
+    layers: Sequence[int] | None,
 ) -> tuple[list[Component], tuple[str, ...], dict[str, list[str]]]:
     if isinstance(component, str):
         comps, axes, labels = all_components(model, component, layers)
@@ -187,14 +202,14 @@ def _components(
         return comps, axes, labels
     if layers is not None:
         raise CircuitkitError(
-            "activation_patching: layers= restricts a kind such as 'head'; with a list of "
+            f"{where}: layers= restricts a kind such as 'head'; with a list of "
             "components, list only the ones to patch"
         )
     comps = list(component)
     if not comps or not all(isinstance(c, Component) for c in comps):
         raise CircuitkitError(
-            "activation_patching: component must be a kind such as 'head' or a non-empty list "
-            f"of components, got {component!r}"
+            f"{where}: component must be a kind such as 'head' or a non-empty list of "
+            f"components, got {component!r}"
         )
     return comps, ("component",), {"component": [repr(c) for c in comps]}
 

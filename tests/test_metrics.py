@@ -181,3 +181,21 @@ def test_metrics_on_a_dataset_and_a_model(tiny_gpt2):
     end = clean_logits[rows, ds.positions["end"]]
     assert torch.allclose(values, end[rows, ds.io_tokens] - end[rows, ds.s_tokens])
     check_metric_output(metrics.kl_div(clean_logits, ds)(abc_logits), ds.n, "test")
+
+
+@pytest.mark.parametrize("builder", [metrics.logit_diff, metrics.logprob, metrics.accuracy])
+def test_select_examples_is_the_metric_on_those_rows(ds, logits, builder):
+    metric = builder(ds)
+    rows = torch.tensor([3, 0, 4])
+    chosen = metrics.select_examples(metric, rows, N)
+    assert torch.equal(chosen.positions, metric.positions[rows])
+    expected = metric(logits)[rows]
+    assert torch.equal(chosen(logits[rows]), expected)
+    stacked = at_end(ds, logits)[rows].expand(2, 3, VOCAB)  # leading dimensions pass through
+    assert torch.equal(chosen.at(stacked), expected.expand(2, 3))
+
+    def plain(full_logits):
+        return metric(full_logits)
+
+    assert torch.equal(metrics.select_examples(plain, rows, N)(logits[rows]), expected)
+    assert metric(logits).std() > 0
