@@ -9,7 +9,7 @@ Example::
     ck.plot(result)
 """
 
-from circuitkit import metrics, provenance
+from circuitkit import distributed, metrics, provenance
 from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
 from circuitkit.attribution import direct_logit_attribution, logit_lens
 from circuitkit.causal_tracing import (
@@ -33,6 +33,7 @@ from circuitkit.engine import (
     Zero,
     record_activations,
     run_interventions,
+    tf32,
 )
 from circuitkit.errors import (
     CircuitkitError,
@@ -84,6 +85,7 @@ __all__ = [
     "ablation_sweep",
     "activation_patching",
     "direct_logit_attribution",
+    "distributed",
     "average_indirect_effect",
     "causal_effects",
     "causal_trace",
@@ -99,6 +101,7 @@ __all__ = [
     "provenance",
     "record_activations",
     "run_interventions",
+    "tf32",
     "tiny_model",
     "trace_token_probability",
 ]

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 
 from circuitkit import provenance
 from circuitkit.components import Component, Head, all_components
+from circuitkit.distributed import run_interventions as distributed_run_interventions
 from circuitkit.engine import Intervention, MetricLike, Patch, run_interventions
 from circuitkit.errors import CircuitkitError, ComponentError
 from circuitkit.inputs import (
@@ -55,6 +56,7 @@ def activation_patching(
     reference: bool = False,
     memory_budget: int | None = None,
     keep_examples: bool = True,
+    distributed: bool = False,
     progress: bool = True,
 ) -> Result:
     """Patch each component of a kind, one at a time, and read the metric.
@@ -74,6 +76,10 @@ def activation_patching(
     keeps the per-example values (for standard errors, intervals and comparisons; pass
     ``keep_examples=False`` to drop them where memory matters), and its ``provenance`` records
     the arguments, data, metric and model (with a fingerprint of its weights).
+
+    ``distributed=True`` shares the patches out among the processes of torch.distributed's
+    default process group (one per GPU, started with ``torchrun``; see
+    ``circuitkit.distributed``); every process returns the whole result.
 
     Example::
 
@@ -126,7 +132,8 @@ def activation_patching(
         for comp in components
         for p in pos_items
     ]
-    examples = run_interventions(
+    run = distributed_run_interventions if distributed else run_interventions
+    examples = run(
         model,
         base,
         runs,
@@ -149,6 +156,7 @@ def activation_patching(
             "reference": reference,
             "memory_budget": memory_budget,
             "keep_examples": keep_examples,
+            "distributed": distributed,
         },
         data={"clean": clean, "corrupted": corrupted},
         metric=metric,
