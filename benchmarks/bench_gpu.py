@@ -15,11 +15,17 @@ One command on a GPU machine measures, in one process:
 - the floating-point operations each sweep must do (matrix products, attention and the
   unembedding, counting only the layers and positions the engine recomputes), the achieved
   TFLOP/s and its fraction of the measured ceiling;
-- with ``--profile``, where the GPU time of the head x position sweep goes (matrix-product
-  kernels, attention, everything else; idle time between kernels is launch overhead).
+- with ``--profile``, where the time of the head x position sweep goes: GPU time in
+  matrix-product kernels, attention and everything else, the longest kernels, the GPU's idle
+  time, and when the host had queued its last chunk (a host that finishes queueing just before
+  the GPU finishes computing is what keeps the GPU idle: launch overhead);
+- with ``--unfused``, the head x position sweep with TransformerLens's own blocks in the
+  engine, to show what fusing them gains.
+
+The Llama-7B-shaped sweep on one or more GPUs is ``benchmarks/bench_distributed.py``.
 
     python benchmarks/bench_gpu.py --out results.json          # the full run (a few minutes)
-    python benchmarks/bench_gpu.py --large                     # adds a Llama-7B-shaped sweep
+    python benchmarks/bench_gpu.py --profile --unfused         # and where the time goes
     python benchmarks/bench_gpu.py --quick --device cpu        # a smoke test on a CPU
 
 The last line is the head x position sweep's speed-up over transformer_lens.patching in float32.
@@ -118,24 +124,40 @@ def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch
 # Counting and timing
 
 
-def forward_flops(cfg, n: int, n_pos: int, layer: int, pos: int) -> float:
-    """Floating-point operations of one run that the engine starts at ``(layer, pos)``: blocks
-    ``layer`` on at positions ``pos`` on (matrix products and attention), then the
-    unembedding at the one position the metric reads."""
+def run_flops(
+    cfg, n: int, n_pos: int, layer: int, pos: int, *, alone: bool = False, read: bool = False
+) -> float:
+    """Floating-point operations of one run as the engine computes it: blocks ``layer`` on at
+    positions ``pos`` on (matrix products and attention); block ``layer`` at position ``pos``
+    alone when ``alone``; the last block's keys and values at every position but the rest at
+    the read position (the last) alone when ``read``; then the unembedding at the read
+    position."""
     n_kv = cfg.n_key_value_heads or cfg.n_heads
-    attn_width = cfg.n_heads * cfg.d_head
-    per_token = 2 * cfg.d_model * (attn_width + 2 * n_kv * cfg.d_head)  # q, k, v
-    per_token += 2 * attn_width * cfg.d_model  # output projection
+    width = cfg.n_heads * cfg.d_head
+    keys_values = 2 * cfg.d_model * 2 * n_kv * cfg.d_head  # per position
+    rest = 2 * cfg.d_model * width + 2 * width * cfg.d_model  # queries, output projection
     if not cfg.attn_only:
-        per_token += 2 * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
-    # scores and pattern @ values: each query at position t reads t + 1 keys
-    attention = sum(4 * attn_width * (t + 1) for t in range(pos, n_pos))
-    blocks = (cfg.n_layers - layer) * n * ((n_pos - pos) * per_token + attention)
-    return blocks + n * 2 * cfg.d_model * cfg.d_vocab
+        rest += 2 * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    total = 0
+    for block in range(layer, cfg.n_layers):
+        queries = list(range(pos, n_pos))
+        computed = len(queries)  # positions whose keys and values are computed
+        if alone and block == layer:
+            queries, computed = [pos], 1
+        elif read and block == cfg.n_layers - 1:
+            queries = [n_pos - 1]
+        # scores and pattern @ values: the query at position t reads t + 1 keys
+        attention = sum(4 * width * (t + 1) for t in queries)
+        total += n * (computed * keys_values + len(queries) * rest + attention)
+    return total + n * 2 * cfg.d_model * cfg.d_vocab
 
 
-def sweep_flops(model: HookedTransformer, n: int, n_pos: int, starts: list[tuple[int, int]]):
-    return sum(forward_flops(model.cfg, n, n_pos, layer, pos) for layer, pos in starts)
+def sweep_flops(model: HookedTransformer, n: int, n_pos: int, starts: list[tuple]) -> float:
+    """``starts``: (layer, pos, alone, read) of each run."""
+    return sum(
+        run_flops(model.cfg, n, n_pos, layer, pos, alone=alone, read=read)
+        for layer, pos, alone, read in starts
+    )
 
 
 def synchronize(device: str) -> None:
@@ -224,6 +246,8 @@ def profile_sweep(fn: Callable[[], object], device: str) -> dict:
     """Where the GPU time of ``fn`` goes: matrix products, attention, other kernels, idle."""
     from torch.profiler import ProfilerActivity, profile
 
+    if not device.startswith("cuda"):
+        return timeline(fn, device)
     synchronize(device)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -232,11 +256,15 @@ def profile_sweep(fn: Callable[[], object], device: str) -> dict:
     wall = time.perf_counter() - start
     kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     kernels = 0
+    by_name: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = event.name.lower()
         kernels += 1
+        entry = by_name.setdefault(event.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.device_time_total / 1e6
         if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_")):
             kind = "matmul"
         elif any(k in name for k in ("fmha", "flash", "attention", "efficient")):
@@ -245,16 +273,73 @@ def profile_sweep(fn: Callable[[], object], device: str) -> dict:
             kind = "other"
         kinds[kind] += event.device_time_total / 1e6
     busy = sum(kinds.values())
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:14]
+    for name, (count, seconds) in top:
+        print(f"      {seconds:7.3f} s {count:6d}x  {name}")
     return {
         "wall_s": wall,
         "busy_s": busy,
         "kernels": kernels,
         **{k + "_s": v for k, v in kinds.items()},
+        **timeline(fn, device),
     }
 
 
+def timeline(fn: Callable[[], object], device: str) -> dict:
+    """When the engine started its first chunk and had queued its last one, against the whole
+    call's time (an unprofiled run)."""
+    marks: list[float] = []
+    run_blocks, read_metric = engine._run_blocks, engine._read_metric
+
+    def first_block(*args, **kwargs):
+        if not marks:
+            marks.append(time.perf_counter())
+        return run_blocks(*args, **kwargs)
+
+    def last_metric(*args, **kwargs):
+        out = read_metric(*args, **kwargs)
+        marks[1:] = [time.perf_counter()]
+        return out
+
+    engine._run_blocks, engine._read_metric = first_block, last_metric
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    finally:
+        engine._run_blocks, engine._read_metric = run_blocks, read_metric
+    return {
+        "first_chunk_started_s": marks[0] - start,
+        "last_chunk_queued_s": marks[-1] - start,
+        "unprofiled_wall_s": wall,
+    }
+
+
+def attention_backends(device: str, dtype: torch.dtype) -> None:
+    """Which scaled-dot-product-attention kernels take the engine's typical shape (a chunk of
+    12 runs x 100 prompts, 8 new positions after 7 cached ones), and their times."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1200, 12, 8, 64, device=device, dtype=dtype)
+    k = torch.randn(1200, 12, 15, 64, device=device, dtype=dtype)
+    mask = torch.ones(8, 15, dtype=torch.bool, device=device).tril(7)
+    for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                call = functools.partial(
+                    torch.nn.functional.scaled_dot_product_attention, q, k, k, attn_mask=mask
+                )
+                call()
+                seconds, _ = timed(call, device, 5)
+            print(f"  attention {dtype}, {backend.name}: {seconds * 1e3:.3f} ms")
+        except RuntimeError as error:
+            print(f"  attention {dtype}, {backend.name}: not available ({str(error)[:80]})")
+
+
 def limit_of(profile: dict | None) -> str:
-    if profile is None:
+    if profile is None or "busy_s" not in profile:
         return ""
     idle = 1 - profile["busy_s"] / profile["wall_s"]
     if idle > 0.3:
@@ -278,8 +363,6 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--profile", action="store_true", help="profile the head x pos sweep")
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
-    parser.add_argument("--large", action="store_true", help="add the Llama-7B-shaped sweep")
-    parser.add_argument("--large-n", type=int, default=8, help="prompts of the large sweep (8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args()
@@ -305,6 +388,12 @@ def main() -> None:
         bandwidth = float("nan")
 
     model32 = gpt2_small_shaped(device, args.layers)
+    if args.profile:
+        seconds, _ = timed(functools.partial(ck.provenance.fingerprint, model32), device)
+        print(f"  weight fingerprint (provenance) of the float32 model: {seconds:.3f} s")
+        if device.startswith("cuda"):
+            for dtype in (torch.float32, torch.bfloat16):
+                attention_backends(device, dtype)
     models = {"float32": model32, "tf32": model32}
     if "bfloat16" in args.modes:
         models["bfloat16"] = gpt2_small_shaped(device, args.layers).to(torch.bfloat16)
@@ -330,7 +419,13 @@ def main() -> None:
             ),
             "transformer_lens",
             tl_run(tl_patching.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
-            [(layer, p) for layer in range(n_layers) for _ in range(n_heads) for p in range(n_pos)],
+            # a head's output at one position: its layer computes that position alone
+            [
+                (layer, p, True, layer < n_layers - 1)
+                for layer in range(n_layers)
+                for _ in range(n_heads)
+                for p in range(n_pos)
+            ],
         ),
         "resid x pos": (
             lambda m: (
@@ -340,7 +435,11 @@ def main() -> None:
             ),
             "transformer_lens",
             tl_run(tl_patching.get_act_patch_resid_pre, None),
-            [(layer, p) for layer in range(n_layers) for p in range(n_pos)],
+            [
+                (layer, p, False, layer < n_layers - 1)
+                for layer in range(n_layers)
+                for p in range(n_pos)
+            ],
         ),
         "head (all positions)": (
             lambda m: (
@@ -348,7 +447,11 @@ def main() -> None:
             ),
             "transformer_lens",
             tl_run(tl_patching.get_act_patch_attn_head_out_all_pos, None),
-            [(layer, 0) for layer in range(n_layers) for _ in range(n_heads)],
+            [
+                (layer, 0, False, layer < n_layers - 1)
+                for layer in range(n_layers)
+                for _ in range(n_heads)
+            ],
         ),
         "path: 144 heads -> logits": (
             lambda m: (
@@ -369,7 +472,8 @@ def main() -> None:
                     progress=False,
                 ).values
             ),
-            [(layer, 0) for layer in range(n_layers) for _ in range(n_heads)],
+            # every later layer's attention output is held, the last one's too
+            [(layer, 0, False, False) for layer in range(n_layers) for _ in range(n_heads)],
         ),
     }
 
@@ -392,6 +496,7 @@ def main() -> None:
                     seconds, values = timed(call, device, args.repeats)
                     profile = None
                     if args.profile and sweep == "head x pos":
+                        print(f"  profile of {sweep}, {mode}:")
                         profile = profile_sweep(call, device)
             except Exception as error:  # report and go on: the other rows stand on their own
                 print(f"{sweep}, {mode}: failed: {error!r}", flush=True)
@@ -461,7 +566,7 @@ def main() -> None:
                 else float("nan")
             )
             # two forward passes and one backward pass (about two forwards) of n prompts
-            flops = 4 * forward_flops(model32.cfg, n, n_pos, 0, 0)
+            flops = 4 * run_flops(model32.cfg, n, n_pos, 0, 0)
             row = Row(
                 "attribution patching",
                 mode,
@@ -479,17 +584,13 @@ def main() -> None:
         print("attribution patching: skipped (circuitkit.attribution_patching is not available)")
 
     per_patch = {r.sweep: r.seconds / r.patches for r in rows if r.mode == "float32"}
-    if "path: 144 heads -> logits" in per_patch:
+    if {"path: 144 heads -> logits", "head (all positions)", "head x pos"} <= set(per_patch):
         path = per_patch["path: 144 heads -> logits"]
         print(
             f"path patching per patch: {path / per_patch['head (all positions)']:.2f}x the head "
             f"(all positions) sweep's, {path / per_patch['head x pos']:.2f}x the head x pos "
             "sweep's (float32)"
         )
-
-    large = None
-    if args.large:
-        large = large_sweep(device, args.large_n, args.pos, ceilings.get("bfloat16"))
 
     if args.out:
         with open(args.out, "w") as f:
@@ -500,65 +601,18 @@ def main() -> None:
                     "ceilings_tflops": ceilings,
                     "copy_gb_s": bandwidth,
                     "rows": [r.__dict__ | {"tflops": r.tflops} for r in rows],
-                    "large": large,
                 },
                 f,
                 indent=1,
             )
-    head = next(r for r in rows if r.sweep == "head x pos" and r.mode == "float32")
+    head = next((r for r in rows if r.sweep == "head x pos" and r.mode == "float32"), None)
+    if head is None:
+        print("head x pos, float32: not measured")
+        return
     print(
         f"head x pos, float32: circuitkit is {head.reference_seconds / head.seconds:.1f}x faster "
         "than transformer_lens.patching"
     )
-
-
-def large_sweep(device: str, n: int, n_pos: int, ceiling: float | None) -> dict:
-    """Every head x position of a Llama-7B-shaped model in bfloat16, on this one device."""
-    start = time.perf_counter()
-    model = llama_7b_shaped(device)
-    built = time.perf_counter() - start
-    clean, corrupted, metric = ioi_shaped_data(n, n_pos, model.cfg.d_vocab)
-    cfg = model.cfg
-
-    def sweep(positions=None) -> torch.Tensor:
-        return ck.activation_patching(
-            model,
-            clean,
-            corrupted,
-            "head",
-            metric,
-            per_position=True,
-            positions=positions,
-            progress=False,
-        ).values
-
-    sweep(positions=[n_pos - 1])  # warm-up
-    seconds, values = timed(sweep, device)
-    starts = [
-        (layer, p)
-        for layer in range(cfg.n_layers)
-        for _ in range(cfg.n_heads)
-        for p in range(n_pos)
-    ]
-    flops = sweep_flops(model, n, n_pos, starts)
-    out = {
-        "model": "Llama-7B-shaped (32 layers x 32 heads, d_model 4096, d_mlp 11008), bfloat16",
-        "n": n,
-        "pos": n_pos,
-        "patches": len(starts),
-        "seconds": seconds,
-        "flops": flops,
-        "tflops": flops / seconds / 1e12,
-        "ceiling_bf16_gpt2_shape": ceiling,
-        "build_seconds": built,
-        "finite": bool(torch.isfinite(values).all()),
-        "spread": float(values.std()),
-    }
-    print(
-        f"large: {out['model']}, {n} prompts x {n_pos} tokens, {len(starts)} patches: "
-        f"{seconds:.1f} s, {flops:.2e} FLOP, {out['tflops']:.0f} TFLOP/s"
-    )
-    return out
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ at the same places TransformerLens does (``hook_resid_pre``, ``hook_q``/``k``/``
 ``hook_pre``, ``hook_pre_linear``, ``hook_post``, ``hook_mlp_out``, ``hook_resid_post``), so
 interventions and user hooks on them act as they would in ``block(...)``. The hook points it
 does not pass through (the norms' ``hook_scale`` / ``hook_normalized``, ``hook_attn_scores``,
-``hook_pattern``) must carry no hook; ``can_fuse`` says when a block qualifies, and the engine
-runs every other block through TransformerLens's own forward.
+``hook_pattern``) must carry no hook: ``fusable`` and ``skipped_hooks_free`` say when a block
+qualifies, and the engine runs every other block through TransformerLens's own forward.
 
 Results agree with TransformerLens to rounding (the order of floating-point operations
 differs); the engine's tests compare both against its plain reference path.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.components import (
     Attention,
@@ -41,6 +41,7 @@ from transformer_lens.components import (
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
 _ACTIVATIONS = {
@@ -122,14 +123,17 @@ def fusable(block: nn.Module) -> bool:
     return flags_off and attention_ok and norms_ok and mlp_ok
 
 
-def can_fuse(block: nn.Module) -> bool:
-    """``fusable(block)``, and no hook on a hook point that ``block_forward`` does not pass."""
-    if not fusable(block):
-        return False
+def skipped_hooks_free(block: TransformerBlock) -> bool:
+    """No hook on a hook point that ``block_forward`` does not pass through."""
     skipped = [block.attn.hook_attn_scores, block.attn.hook_pattern]
     for norm in (block.ln1, getattr(block, "ln2", None)):
         skipped += [getattr(norm, "hook_scale", None), getattr(norm, "hook_normalized", None)]
     return not any(_hooked(point) for point in skipped if point is not None)
+
+
+def hooks_free(block: TransformerBlock) -> bool:
+    """No hook anywhere in ``block``: ``block_forward`` may then compute a subset of positions."""
+    return not any(_hooked(module) for module in block.modules() if isinstance(module, HookPoint))
 
 
 def block_forward(
@@ -138,12 +142,19 @@ def block_forward(
     past_keys: Float[Tensor, "n past kv_head d_head"],
     past_values: Float[Tensor, "n past kv_head d_head"],
     weights: BlockWeights,
+    *,
+    read: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``block`` on ``resid_pre``, whose positions follow ``past`` earlier ones.
 
     ``past_keys`` and ``past_values`` (keys before rotary) hold the earlier positions of ``n``
     prompts, shared by every group of ``n`` rows of the batch: a batch of ``c * n`` rows is c
     runs on the same ``n`` prompts. With no earlier positions, pass tensors with ``past = 0``.
+
+    With ``read`` (one index into ``resid_pre``'s positions per row) the block computes its
+    keys and values at every position but everything else at the read positions alone, and
+    returns ``[batch, 1, d_model]``: what a metric that reads one position needs from the last
+    block. The block must then carry no hook (``hooks_free``).
     """
     cfg = block.cfg
     attn = block.attn
@@ -152,19 +163,19 @@ def block_forward(
     n_heads, d_head = cfg.n_heads, cfg.d_head
     n_kv = past_keys.shape[2]
 
-    resid_pre = block.hook_resid_pre(resid_pre)
+    resid_pre = _hook(block.hook_resid_pre, resid_pre)
     x = _norm(block.ln1, resid_pre)
     q, k, v = F.linear(x, weights.qkv, weights.qkv_bias).split(
         [n_heads * d_head, n_kv * d_head, n_kv * d_head], dim=-1
     )
-    q = attn.hook_q(q.view(batch, n_query, n_heads, d_head))
-    k = attn.hook_k(k.view(batch, n_query, n_kv, d_head))
-    v = attn.hook_v(v.view(batch, n_query, n_kv, d_head))
+    q = _hook(attn.hook_q, q.view(batch, n_query, n_heads, d_head))
+    k = _hook(attn.hook_k, k.view(batch, n_query, n_kv, d_head))
+    v = _hook(attn.hook_v, v.view(batch, n_query, n_kv, d_head))
 
     rotary = cfg.positional_embedding_type == "rotary"
     if rotary:
         # Rotary acts position by position: the earlier keys are rotated once, not per run.
-        q = attn.hook_rot_q(attn.apply_rotary(q, n_past, None))
+        q = _hook(attn.hook_rot_q, attn.apply_rotary(q, n_past, None))
         k = attn.apply_rotary(k, n_past, None)
         if n_past:
             past_keys = attn.apply_rotary(past_keys, 0, None)
@@ -172,40 +183,41 @@ def block_forward(
         k = _after(past_keys, k)
         v = _after(past_values, v)
     if rotary:
-        k = attn.hook_rot_k(k)
-
+        k = _hook(attn.hook_rot_k, k)
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=2)
         v = v.repeat_interleave(n_heads // n_kv, dim=2)
+
     n_keys = n_past + n_query
-    if n_past:
+    if read is not None:
+        rows = torch.arange(batch, device=q.device)
+        q, resid_pre, n_query = q[rows, read][:, None], resid_pre[rows, read][:, None], 1
+        # the query at position n_past + read sees keys 0 .. n_past + read
+        keys = torch.arange(n_keys, device=q.device)
+        mask = (keys[None, :] <= (n_past + read)[:, None])[:, None, None, :]
+    elif n_past:
         # query i sits at position n_past + i and sees keys 0 .. n_past + i
         mask = torch.ones(n_query, n_keys, dtype=torch.bool, device=q.device).tril(n_past)
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            scale=1.0 / attn.attn_scale,
-        )
     else:
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=1.0 / attn.attn_scale,
-        )
-    z = attn.hook_z(z.transpose(1, 2))
+        mask = None
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=1.0 / attn.attn_scale,
+    )
+    z = _hook(attn.hook_z, z.transpose(1, 2))
     attn_out = F.linear(z.reshape(batch, n_query, n_heads * d_head), weights.out, attn.b_O)
-    attn_out = block.hook_attn_out(attn_out)
+    attn_out = _hook(block.hook_attn_out, attn_out)
 
     if cfg.attn_only:
-        return block.hook_resid_post(resid_pre + attn_out)
-    resid_mid = block.hook_resid_mid(resid_pre + attn_out)
-    mlp_in = block.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
-    mlp_out = block.hook_mlp_out(_mlp(block.mlp, _norm(block.ln2, mlp_in)))
-    return block.hook_resid_post(resid_mid + mlp_out)
+        return _hook(block.hook_resid_post, resid_pre + attn_out)
+    resid_mid = _hook(block.hook_resid_mid, resid_pre + attn_out)
+    mlp_in = _hook(block.hook_mlp_in, resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
+    mlp_out = _hook(block.hook_mlp_out, _mlp(block.mlp, _norm(block.ln2, mlp_in)))
+    return _hook(block.hook_resid_post, resid_mid + mlp_out)
 
 
 def _after(past: Tensor, new: Tensor) -> Tensor:
@@ -235,16 +247,29 @@ def _norm(norm: nn.Module, x: Tensor) -> Tensor:
 def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     act_fn = _ACTIVATIONS[mlp.cfg.act_fn]
     if isinstance(mlp, GatedMLP):
-        pre = mlp.hook_pre(x @ mlp.W_gate)
-        pre_linear = mlp.hook_pre_linear(x @ mlp.W_in)
-        post = mlp.hook_post(act_fn(pre).mul_(pre_linear).add_(mlp.b_in))
+        pre = _hook(mlp.hook_pre, x @ mlp.W_gate)
+        pre_linear = _hook(mlp.hook_pre_linear, x @ mlp.W_in)
+        post = _hook(mlp.hook_post, act_fn(pre).mul_(pre_linear).add_(mlp.b_in))
     else:
         pre = torch.addmm(mlp.b_in, x.reshape(-1, x.shape[-1]), mlp.W_in)
-        pre = mlp.hook_pre(pre.view(*x.shape[:-1], -1))
-        post = mlp.hook_post(act_fn(pre))
+        pre = _hook(mlp.hook_pre, pre.view(*x.shape[:-1], -1))
+        post = _hook(mlp.hook_post, act_fn(pre))
     out = torch.addmm(mlp.b_out, post.reshape(-1, post.shape[-1]), mlp.W_out)
     return out.view(*x.shape[:-1], -1)
 
 
 def _hooked(point: nn.Module) -> bool:
     return bool(point._forward_hooks or point._forward_pre_hooks)
+
+
+def _hook(point: HookPoint, x: Tensor) -> Tensor:
+    """``point(x)``, as TransformerLens calls it; without a hook on it, ``x`` itself (the same
+    result, without the cost of a module call)."""
+    if _hooked(point) or _global_hooks():
+        return point(x)
+    return x
+
+
+def _global_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

@@ -147,6 +147,8 @@ class _Compiled:
     layer: int
     pos_dim: int  # the activation's (query) position dimension
     first_pos: int  # the first position the mask selects in any example; n_pos if none
+    last_pos: int = -1  # the last position the mask selects in any example; -1 if none
+    stays: bool = False  # the component's ``stays_at_its_positions``
 
 
 def run_interventions(
@@ -330,13 +332,14 @@ def _compile(
             key = _mask_key(comp, model, shapes[hook])
             if key not in cpu_masks:
                 mask = selection_mask(comp, model, shapes[hook], positions, "cpu")
-                cpu_masks[key] = (mask, _first_position(mask, comp.pos_dim))
+                first, last = _position_range(mask, comp.pos_dim)
+                cpu_masks[key] = (mask, first, last)
             _check_value(intervention, shapes[hook])
             items.append((hook, key, intervention))
         _check_no_overlap(run, [cpu_masks[key][0] for _, key, _ in items], [h for h, _, _ in items])
         resolved.append(items)
 
-    masks = _to_device({key: mask for key, (mask, _) in cpu_masks.items()}, tokens.device)
+    masks = _to_device({key: mask for key, (mask, _, _) in cpu_masks.items()}, tokens.device)
     values = _ValueCache(model.cfg.dtype, tokens.device)
     return [
         [
@@ -346,7 +349,10 @@ def _compile(
                 values(intervention.value),
                 intervention.component.layer,
                 intervention.component.pos_dim,
-                cpu_masks[key][1],
+                *cpu_masks[key][1:],
+                # a block computing one position would cut a pattern's key axis too: whole rows
+                intervention.component.stays_at_its_positions
+                and intervention.component.pos_dim == 1,
             )
             for hook, key, intervention in items
         ]
@@ -378,11 +384,12 @@ def _activation_shapes(
     return shapes
 
 
-def _first_position(mask: Tensor, pos_dim: int) -> int:
-    """The first position a selection mask selects in any example (its length if none)."""
+def _position_range(mask: Tensor, pos_dim: int) -> tuple[int, int]:
+    """The first and last positions a selection mask selects in any example; (its length, -1)
+    if none."""
     n_pos = mask.shape[pos_dim]
     selected = mask.movedim(pos_dim, 0).reshape(n_pos, -1).any(dim=1).nonzero()
-    return int(selected[0]) if len(selected) else n_pos
+    return (int(selected[0]), int(selected[-1])) if len(selected) else (n_pos, -1)
 
 
 def _mask_key(component: Component, model: HookedTransformer, shape: torch.Size) -> object:
@@ -566,7 +573,7 @@ def _run_fast(
         metric = dataclasses.replace(metric, positions=metric.positions.to(device))
     budget = memory_budget if memory_budget is not None else default_memory_budget(model)
 
-    def chunk_size(start: tuple[int, int]) -> int:
+    def chunk_size(start: tuple[int, int, bool]) -> int:
         per_run = _bytes_per_run(model, n, n_pos - start[1], n_pos, full_logits)
         return _chunk_size(model, per_run, budget, max_runs_per_chunk)
 
@@ -579,11 +586,27 @@ def _run_fast(
     with tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar:
         for chunk in chunks:
             c = len(chunk)
-            layer, pos = starts[chunk[0]]
-            hooks = _chunk_hooks([compiled[r] for r in chunk], c, n, pos)
+            layer, pos, alone = starts[chunk[0]]
+            hooks = _chunk_hooks(
+                [compiled[r] for r in chunk], c, n, pos, alone_in=layer if alone else None
+            )
+            # the last block need compute only the positions the metric reads
+            read = None if full_logits else (metric.positions - pos).clamp(min=0).repeat(c)
             with _hooks_added(model, hooks.items()):
-                residual = _run_blocks(model, tokens, c, layer, pos, model.cfg.n_layers, base)
-                values = _read_metric(model, residual, metric, c, n, pos, base)
+                residual = _run_blocks(
+                    model,
+                    tokens,
+                    c,
+                    layer,
+                    pos,
+                    model.cfg.n_layers,
+                    base,
+                    first_alone=alone,
+                    read=read,
+                )
+                values = _read_metric(
+                    model, residual, metric, c, n, pos, base, at_read=not full_logits
+                )
             results[order[done : done + c]] = values.float()
             done += c
             bar.update(c)
@@ -604,19 +627,31 @@ def _check_finite(results: Float[Tensor, "n_runs n"]) -> Tensor:
 
 def _start_of(
     model: HookedTransformer, items: list[_Compiled], n_pos: int, reuses_prefix: bool
-) -> tuple[int, int]:
-    """``(layer, position)`` from which a run must be recomputed.
+) -> tuple[int, int, bool]:
+    """``(layer, position, alone)``: where a run must be recomputed from.
 
     Nothing before the earliest layer a run touches changes, and, the model being causal,
     nothing at a position before the earliest position it touches. A run that selects
     nothing (or no run at all) starts after the last layer: it is the base run.
+
+    ``alone`` is true when, in its first layer, the run only changes activations that stay at
+    their positions (``Component.stays_at_its_positions``: a head's output, say) at the one
+    first position: that layer's output then changes at that position alone, and the layer
+    is computed there alone.
     """
     n_layers = model.cfg.n_layers
     pos = min((item.first_pos for item in items), default=n_pos)
     if pos >= n_pos:
-        return n_layers, 0
+        return n_layers, 0, False
     layer = min(item.layer for item in items)
-    return layer, pos if reuses_prefix else 0
+    if not reuses_prefix:
+        return layer, 0, False
+    alone = layer >= 0 and all(
+        item.stays and item.first_pos == item.last_pos == pos
+        for item in items
+        if item.layer == layer
+    )
+    return layer, pos, alone
 
 
 def _record_fast(
@@ -681,8 +716,9 @@ class _BaseRun:
     values: dict[int, Tensor]
     shortformer_pos_embed: Tensor | None
     attention_mask: Tensor | None
-    # each fused block's weights, laid out once per call (see ``circuitkit.blocks``)
-    block_weights: dict[int, blocks.BlockWeights] = field(default_factory=dict)
+    # each fused block's weights, laid out once per call (see ``circuitkit.blocks``); None for
+    # blocks that run TransformerLens's forward
+    block_weights: dict[int, blocks.BlockWeights | None] = field(default_factory=dict)
 
     @property
     def reuses_prefix(self) -> bool:
@@ -722,9 +758,7 @@ def _chunk_size(
     return size if max_runs is None else max(1, min(size, max_runs))
 
 
-def _chunks(
-    starts: list[tuple[int, int]], chunk_size: Callable[[tuple[int, int]], int]
-) -> Iterator[list[int]]:
+def _chunks(starts: list[tuple], chunk_size: Callable[[tuple], int]) -> Iterator[list[int]]:
     """Run indices in chunks of one start and at most ``chunk_size(start)`` runs each."""
     # Runs that start at the same layer and position go together, so no chunk starts earlier
     # than it must.
@@ -772,47 +806,74 @@ def _run_blocks(
     pos: int,
     stop: int,
     base: _BaseRun,
+    *,
+    first_alone: bool = False,
+    read: Tensor | None = None,
 ) -> Tensor:
     """The residual stream after block ``stop - 1`` for a chunk of c runs (a c * n batch), at
-    positions ``pos`` onwards.
+    positions ``pos`` onwards; with ``read`` ([c * n] indices into those positions), at the
+    read positions alone ([c * n, 1, d_model]).
 
     It starts from the base run's residual stream before block ``start`` (from the embeddings
     when ``start`` is negative); the blocks read the base run's keys and values for the
-    positions before ``pos``. Blocks that ``circuitkit.blocks`` can compute (and whose skipped
-    hook points carry no hook) run fused; the others run TransformerLens's forward.
+    positions before ``pos``. With ``first_alone`` block ``start`` computes position ``pos``
+    alone, and the later positions of its output are the base run's. Blocks that
+    ``circuitkit.blocks`` can compute (and whose skipped hook points carry no hook) run
+    fused; the others run TransformerLens's forward. A last block with no hook at all then
+    computes only what the read positions need.
     """
     attention_mask = None if base.attention_mask is None else _tile(base.attention_mask, c)
+    # positions computed in the first block: one with first_alone, else all from pos on
+    end = pos + 1 if first_alone else None
     if start < 0:
         residual, _, shortformer, attention_mask = model.input_to_embed(_tile(tokens, c))
         residual = residual[:, pos:]
         start = 0
     else:
-        residual = _tile(base.resid[start][:, pos:], c)
+        residual = _tile(base.resid[start][:, pos:end], c)
         shortformer = base.shortformer_pos_embed
         shortformer = None if shortformer is None else _tile(shortformer, c)
     if shortformer is not None:
         shortformer = shortformer[:, pos:]
     fuse = _FUSED_BLOCKS and attention_mask is None and shortformer is None
     for layer in range(start, stop):
+        alone = first_alone and layer == start
         block = model.blocks[layer]
-        if fuse and blocks.can_fuse(block):
+        weights = _weights(base, block, layer) if fuse else None
+        if weights is not None and blocks.skipped_hooks_free(block):
+            at_read = read is not None and layer == stop - 1 and not alone
+            at_read = at_read and blocks.hooks_free(block)
             residual = blocks.block_forward(
-                block, residual, *_past(model, base, layer, pos), _weights(base, block, layer)
+                block,
+                residual,
+                *_past(model, base, layer, pos),
+                weights,
+                read=read if at_read else None,
             )
-            continue
-        entry = None
-        if pos > 0:
-            entry = TransformerLensKeyValueCacheEntry(
-                _tile(base.keys[layer][:, :pos], c),
-                _tile(base.values[layer][:, :pos], c),
-                frozen=True,
+            if at_read:
+                return residual
+        else:
+            entry = None
+            if pos > 0:
+                entry = TransformerLensKeyValueCacheEntry(
+                    _tile(base.keys[layer][:, :pos], c),
+                    _tile(base.values[layer][:, :pos], c),
+                    frozen=True,
+                )
+            positional = shortformer
+            if alone and shortformer is not None:
+                positional = shortformer[:, :1]
+            residual = block(
+                residual,
+                shortformer_pos_embed=positional,
+                past_kv_cache_entry=entry,
+                attention_mask=attention_mask,
             )
-        residual = block(
-            residual,
-            shortformer_pos_embed=shortformer,
-            past_kv_cache_entry=entry,
-            attention_mask=attention_mask,
-        )
+        if alone:  # the later positions of this block's output are the base run's
+            later = _tile(base.resid[layer + 1][:, pos + 1 :], c)
+            residual = torch.cat([residual, later], dim=1)
+    if read is not None:
+        residual = residual[torch.arange(len(read), device=read.device), read][:, None]
     return residual
 
 
@@ -830,9 +891,12 @@ def _past(model: HookedTransformer, base: _BaseRun, layer: int, pos: int) -> tup
     return empty, empty
 
 
-def _weights(base: _BaseRun, block: torch.nn.Module, layer: int) -> blocks.BlockWeights:
+def _weights(base: _BaseRun, block: torch.nn.Module, layer: int) -> blocks.BlockWeights | None:
+    """The block's weights laid out for ``circuitkit.blocks``, once per call; None when the
+    block is not one it computes."""
     if layer not in base.block_weights:
-        base.block_weights[layer] = blocks.block_weights(block)
+        fusable = blocks.fusable(block)
+        base.block_weights[layer] = blocks.block_weights(block) if fusable else None
     return base.block_weights[layer]
 
 
@@ -844,15 +908,18 @@ def _read_metric(
     n: int,
     pos: int,
     base: _BaseRun,
+    *,
+    at_read: bool = False,
 ) -> Tensor:
     """The metric [c, n] of a chunk from its final residual stream [c * n, pos..., d_model],
-    which holds the positions from ``pos`` on; earlier ones are the base run's."""
+    which holds the positions from ``pos`` on; earlier ones are the base run's. With
+    ``at_read`` (a ``Metric`` only) the residual stream holds the read positions alone."""
     final = base.resid[model.cfg.n_layers]
     if isinstance(metric, Metric):
         read = metric.positions.to(residual.device).repeat(c)
         rows = torch.arange(c * n, device=residual.device)
         # an example whose read position comes before ``pos`` is unchanged by the run
-        patched = residual[rows, (read - pos).clamp(min=0)]
+        patched = residual[:, 0] if at_read else residual[rows, (read - pos).clamp(min=0)]
         unchanged = final[rows % n, read]
         read_resid = torch.where((read >= pos)[:, None], patched, unchanged)
         logits = _unembed(model, read_resid[:, None, :])[:, 0]
@@ -874,27 +941,38 @@ def _unembed(model: HookedTransformer, residual: Tensor) -> Tensor:
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
-def _chunk_hooks(chunk: list[list[_Compiled]], c: int, n: int, pos: int) -> dict[str, Callable]:
+def _chunk_hooks(
+    chunk: list[list[_Compiled]], c: int, n: int, pos: int, *, alone_in: int | None = None
+) -> dict[str, Callable]:
     """One function per hook that applies all of the chunk's interventions on it at once.
 
     The activation has c * n rows; it is viewed as [c, n, ...] so run k's interventions land on
-    block k. Interventions with the same value object (the usual sweep: every run patches from
+    block k. Interventions with the same value tensor (the usual sweep: every run patches from
     the same cache) share one ``torch.where``; runs with their own values are stacked. Inside
     the blocks only positions ``pos`` onwards are computed, so masks and values are cut to
-    them; the embeddings are computed whole.
+    them (to position ``pos`` alone in layer ``alone_in``); the embeddings are computed whole.
     """
     by_hook: dict[str, list[tuple[int, _Compiled]]] = {}
     cuts: dict[tuple, Tensor] = {}
     for k, items in enumerate(chunk):
         for item in items:
-            if item.layer >= 0 and pos > 0:
+            if item.layer == alone_in:
+                item = _from_position(item, pos, cuts, length=1)
+            elif item.layer >= 0 and pos > 0:
                 item = _from_position(item, pos, cuts)
             by_hook.setdefault(item.hook, []).append((k, item))
     return {hook: _make_hook_fn(entries, c, n) for hook, entries in by_hook.items()}
 
 
-def _from_position(item: _Compiled, pos: int, cuts: dict[tuple, Tensor] | None = None) -> _Compiled:
-    """``item`` acting on an activation that holds only positions ``pos`` onwards.
+def _from_position(
+    item: _Compiled,
+    pos: int,
+    cuts: dict[tuple, Tensor] | None = None,
+    *,
+    length: int | None = None,
+) -> _Compiled:
+    """``item`` acting on an activation that holds only positions ``pos`` onwards (``length``
+    of them when given).
 
     ``cuts`` keeps the cut of each tensor, so items that shared a value tensor share its cut
     too (and ``_make_hook_fn`` still applies them together)."""
@@ -904,9 +982,10 @@ def _from_position(item: _Compiled, pos: int, cuts: dict[tuple, Tensor] | None =
         dim = item.pos_dim - (ndim - tensor.ndim)
         if dim < 0 or tensor.shape[dim] == 1:
             return tensor
-        key = (id(tensor), dim)
+        key = (id(tensor), dim, length)
         if cuts is None or key not in cuts:
-            narrowed = tensor.narrow(dim, pos, tensor.shape[dim] - pos)
+            size = tensor.shape[dim] - pos if length is None else length
+            narrowed = tensor.narrow(dim, pos, size)
             if cuts is None:
                 return narrowed
             cuts[key] = narrowed

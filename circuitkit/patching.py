@@ -133,20 +133,20 @@ def activation_patching(
         for p in pos_items
     ]
     run = distributed_run_interventions if distributed else run_interventions
-    examples = run(
+    # on a GPU the provenance record (its weight fingerprint) is made while the patches run
+    examples, made = provenance.record_alongside(
         model,
-        base,
-        runs,
-        metric,
-        positions=word_positions,
-        reference=reference,
-        memory_budget=memory_budget,
-        progress=progress,
-        desc=f"{where} ({direction})",
-    )
-    shape = [len(labels[a]) for a in axes]
-    made = provenance.record(
-        model,
+        lambda: run(
+            model,
+            base,
+            runs,
+            metric,
+            positions=word_positions,
+            reference=reference,
+            memory_budget=memory_budget,
+            progress=progress,
+            desc=f"{where} ({direction})",
+        ),
         method=where,
         args={
             "component": component,
@@ -161,6 +161,7 @@ def activation_patching(
         data={"clean": clean, "corrupted": corrupted},
         metric=metric,
     )
+    shape = [len(labels[a]) for a in axes]
     examples = examples.reshape(*shape, examples.shape[-1])
     return Result(
         values=examples.mean(-1),

@@ -108,7 +108,7 @@ def test_fast_path_equals_reference(tiny_model, seed):
     assert fast.shape == (len(runs), base.shape[0])
     assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     # the unpatched run is the plain model
-    plain = metric(tiny_model(base))
+    plain = metric(tiny_model(base)).cpu()
     assert_close(fast[-1], plain, atol=1e-5, rtol=1e-5)
     # patched runs really change the metric, so the comparison can fail
     assert (fast[:-1] - plain).abs().max() > 1e-3
@@ -333,7 +333,8 @@ def test_recording_fast_path_equals_reference(tiny_model, seed):
     for component, got, expected in zip(RECORDED, fast, reference, strict=True):
         base_act = full_cache[component.hook_name(tiny_model)]
         assert got.shape == (len(runs), *base_act.shape)
-        assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # float32 rounding: the fast path computes the blocks with other kernels
+        assert_close(got, expected, atol=1e-4, rtol=1e-4)
         # the unpatched run records the plain model's activation; some runs change it
         assert_close(got[-1], base_act, atol=1e-5, rtol=1e-5)
     assert (fast[0][:-1] - fast[0][-1]).abs().max() > 1e-3
