@@ -136,70 +136,84 @@ def hooks_free(block: TransformerBlock) -> bool:
     return not any(_hooked(module) for module in block.modules() if isinstance(module, HookPoint))
 
 
+def prefix(
+    block: TransformerBlock,
+    keys: Float[Tensor, "n past kv_head d_head"],
+    values: Float[Tensor, "n past kv_head d_head"],
+    copies: int,
+) -> tuple[Tensor, Tensor]:
+    """The keys (rotated, in a rotary model) and values of earlier positions of ``n`` prompts,
+    repeated ``copies`` times along the batch: the ``past`` that ``block_forward`` takes for a
+    batch of ``copies`` runs on the same prompts. Made once, it serves every chunk of that many
+    runs that starts at the same position."""
+    if block.cfg.positional_embedding_type == "rotary":
+        keys = block.attn.apply_rotary(keys, 0, None)
+    repeat = (copies,) + (1,) * (keys.ndim - 1)
+    return keys.repeat(repeat), values.repeat(repeat)
+
+
+def causal_mask(n_query: int, n_past: int, device: torch.device) -> Tensor:
+    """[n_query, n_past + n_query]: query i, at position n_past + i, sees keys up to there."""
+    return torch.ones(n_query, n_past + n_query, dtype=torch.bool, device=device).tril(n_past)
+
+
+def read_mask(read: Int[Tensor, " batch"], n_past: int, n_keys: int) -> Tensor:
+    """[batch, 1, 1, n_keys]: each row's one query, at position n_past + read, sees keys up to
+    there."""
+    keys = torch.arange(n_keys, device=read.device)
+    return (keys[None, :] <= (n_past + read)[:, None])[:, None, None, :]
+
+
 def block_forward(
     block: TransformerBlock,
     resid_pre: Float[Tensor, "batch pos d_model"],
-    past_keys: Float[Tensor, "n past kv_head d_head"],
-    past_values: Float[Tensor, "n past kv_head d_head"],
+    past: tuple[Tensor, Tensor] | None,
     weights: BlockWeights,
     *,
+    mask: Tensor | None = None,
     read: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """``block`` on ``resid_pre``, whose positions follow ``past`` earlier ones.
+    """``block`` on ``resid_pre``, whose positions may follow earlier ones.
 
-    ``past_keys`` and ``past_values`` (keys before rotary) hold the earlier positions of ``n``
-    prompts, shared by every group of ``n`` rows of the batch: a batch of ``c * n`` rows is c
-    runs on the same ``n`` prompts. With no earlier positions, pass tensors with ``past = 0``.
+    ``past`` holds the earlier positions' keys and values, ``[batch, n_past, kv_head, d_head]``
+    each (from ``prefix``), or is None when there are none. ``mask`` says which keys each query
+    sees (``causal_mask``; None without ``past``: plainly causal).
 
     With ``read`` (one index into ``resid_pre``'s positions per row) the block computes its
     keys and values at every position but everything else at the read positions alone, and
     returns ``[batch, 1, d_model]``: what a metric that reads one position needs from the last
-    block. The block must then carry no hook (``hooks_free``).
+    block. ``mask`` is then ``read_mask(read, ...)``, and the block must carry no hook
+    (``hooks_free``).
     """
     cfg = block.cfg
     attn = block.attn
     batch, n_query, _ = resid_pre.shape
-    n_past = past_keys.shape[1]
+    n_past = 0 if past is None else past[0].shape[1]
     n_heads, d_head = cfg.n_heads, cfg.d_head
-    n_kv = past_keys.shape[2]
+    n_kv = (weights.qkv.shape[0] // d_head - n_heads) // 2
 
     resid_pre = _hook(block.hook_resid_pre, resid_pre)
-    x = _norm(block.ln1, resid_pre)
-    q, k, v = F.linear(x, weights.qkv, weights.qkv_bias).split(
-        [n_heads * d_head, n_kv * d_head, n_kv * d_head], dim=-1
-    )
-    q = _hook(attn.hook_q, q.view(batch, n_query, n_heads, d_head))
-    k = _hook(attn.hook_k, k.view(batch, n_query, n_kv, d_head))
-    v = _hook(attn.hook_v, v.view(batch, n_query, n_kv, d_head))
+    qkv = F.linear(_norm(block.ln1, resid_pre), weights.qkv, weights.qkv_bias)
+    q, k, v = qkv.split([n_heads * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
+    q = _hook(attn.hook_q, q.unflatten(-1, (n_heads, d_head)))
+    k = _hook(attn.hook_k, k.unflatten(-1, (n_kv, d_head)))
+    v = _hook(attn.hook_v, v.unflatten(-1, (n_kv, d_head)))
 
     rotary = cfg.positional_embedding_type == "rotary"
     if rotary:
-        # Rotary acts position by position: the earlier keys are rotated once, not per run.
         q = _hook(attn.hook_rot_q, attn.apply_rotary(q, n_past, None))
         k = attn.apply_rotary(k, n_past, None)
-        if n_past:
-            past_keys = attn.apply_rotary(past_keys, 0, None)
-    if n_past:
-        k = _after(past_keys, k)
-        v = _after(past_values, v)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
     if rotary:
         k = _hook(attn.hook_rot_k, k)
     if n_kv != n_heads:
         k = k.repeat_interleave(n_heads // n_kv, dim=2)
         v = v.repeat_interleave(n_heads // n_kv, dim=2)
-
-    n_keys = n_past + n_query
     if read is not None:
         rows = torch.arange(batch, device=q.device)
         q, resid_pre, n_query = q[rows, read][:, None], resid_pre[rows, read][:, None], 1
-        # the query at position n_past + read sees keys 0 .. n_past + read
-        keys = torch.arange(n_keys, device=q.device)
-        mask = (keys[None, :] <= (n_past + read)[:, None])[:, None, None, :]
-    elif n_past:
-        # query i sits at position n_past + i and sees keys 0 .. n_past + i
-        mask = torch.ones(n_query, n_keys, dtype=torch.bool, device=q.device).tril(n_past)
-    else:
-        mask = None
+
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -218,16 +232,6 @@ def block_forward(
     mlp_in = _hook(block.hook_mlp_in, resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
     mlp_out = _hook(block.hook_mlp_out, _mlp(block.mlp, _norm(block.ln2, mlp_in)))
     return _hook(block.hook_resid_post, resid_mid + mlp_out)
-
-
-def _after(past: Tensor, new: Tensor) -> Tensor:
-    """``[past; new]`` along positions, ``past`` ([n, ...]) repeated for each run's n rows."""
-    n, n_past = past.shape[:2]
-    batch, n_new = new.shape[:2]
-    out = new.new_empty(batch, n_past + n_new, *new.shape[2:])
-    out.view(batch // n, n, *out.shape[1:])[:, :, :n_past] = past
-    out[:, n_past:] = new
-    return out
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
