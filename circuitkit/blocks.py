@@ -133,6 +133,8 @@ def skipped_hooks_free(block: TransformerBlock) -> bool:
 
 def hooks_free(block: TransformerBlock) -> bool:
     """No hook anywhere in ``block``: ``block_forward`` may then compute a subset of positions."""
+    if _global_hooks():
+        return False
     return not any(_hooked(module) for module in block.modules() if isinstance(module, HookPoint))
 
 

@@ -16,9 +16,19 @@ Fast path (the default):
   the positions from there on are computed; attention reads the base run's cached keys and
   values for the earlier ones.
 - A ``Metric`` reads one position per example, so only the final residual stream at those
-  positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits.
+  positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits, and
+  the last block computes its queries, attention output and MLP at those positions alone.
+- A run whose first layer changes only activations that stay at their positions (a head's
+  output at one position, say) changes that layer's output at that position alone: the layer
+  is computed there alone, and its later positions are the base run's.
+- Blocks run fused where ``circuitkit.blocks`` can compute them (fewer passes over memory,
+  the same hook points); others run TransformerLens's forward.
 - The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
   one Python call per run.
+- On a GPU the loop over chunks only queues work: masks and run indices reach the device in
+  one copy each, results stay there until the end, and the metric's values are checked once.
+  Metrics are computed in float32 whatever the model's dtype. TF32 matrix products are used
+  only inside ``tf32()``.
 
 Reference path (``reference=True``): one plain ``run_with_hooks`` forward per run, computing the
 full logits and calling the metric on them. Tests compare the two.
@@ -322,7 +332,7 @@ def _compile(
     shapes = _activation_shapes(model, tokens, [i.component for run in runs for i in run])
     if positions is not None:
         positions = {word: index.cpu() for word, index in positions.items()}
-    cpu_masks: dict[object, tuple[Tensor, int]] = {}
+    cpu_masks: dict[object, tuple[Tensor, int, int]] = {}
     resolved: list[list[tuple[str, object, Intervention]]] = []
     for run in runs:
         items = []
