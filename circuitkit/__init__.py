@@ -9,7 +9,7 @@ Example::
     ck.plot(result)
 """
 
-from circuitkit import metrics, provenance
+from circuitkit import distributed, metrics, provenance
 from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
 from circuitkit.attribution import direct_logit_attribution, logit_lens
 from circuitkit.attribution_patching import attribution_patching, edge_attribution_patching
@@ -34,6 +34,7 @@ from circuitkit.engine import (
     Zero,
     record_activations,
     run_interventions,
+    tf32,
 )
 from circuitkit.errors import (
     CircuitkitError,
@@ -91,6 +92,7 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "direct_logit_attribution",
+    "distributed",
     "edge_attribution_patching",
     "average_indirect_effect",
     "causal_effects",
@@ -109,6 +111,7 @@ __all__ = [
     "record_activations",
     "run_interventions",
     "sender_outputs",
+    "tf32",
     "tiny_model",
     "trace_token_probability",
 ]

@@ -75,6 +75,15 @@ class Component:
         """``(dim, index)`` of the selected head or neuron in the activation, or None."""
         return None
 
+    @property
+    def stays_at_its_positions(self) -> bool:
+        """Whether a change to this activation at some positions leaves the other positions of
+        its block's output unchanged: true once the block's attention has mixed positions (a
+        head's output, query or pattern row, the attention or MLP output, a neuron, the
+        residual stream mid-block or after it), false before it (keys, values, the block's
+        input), where later positions read the change."""
+        return False
+
     def at(self, pos: PosSpec) -> Component:
         """The same component restricted to positions ``pos``."""
         return dataclasses.replace(self, pos=_check_pos(pos))
@@ -151,6 +160,10 @@ class Resid(Component):
     def hook_name(self, model: HookedTransformer) -> str:
         return f"blocks.{self.layer}.hook_resid_{self.where}"
 
+    @property
+    def stays_at_its_positions(self) -> bool:
+        return self.where != "pre"
+
     def __repr__(self) -> str:
         return _with_pos(f"Resid({self.layer}, {self.where!r})", self.pos)
 
@@ -164,6 +177,10 @@ class Attn(Component):
 
     def hook_name(self, model: HookedTransformer) -> str:
         return f"blocks.{self.layer}.hook_attn_out"
+
+    @property
+    def stays_at_its_positions(self) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return _with_pos(f"Attn({self.layer})", self.pos)
@@ -179,6 +196,10 @@ class MLP(Component):
     def hook_name(self, model: HookedTransformer) -> str:
         return f"blocks.{self.layer}.hook_mlp_out"
 
+    @property
+    def stays_at_its_positions(self) -> bool:
+        return True
+
     def __repr__(self) -> str:
         return _with_pos(f"MLP({self.layer})", self.pos)
 
@@ -193,6 +214,10 @@ class Neuron(Component):
 
     def hook_name(self, model: HookedTransformer) -> str:
         return f"blocks.{self.layer}.mlp.hook_post"
+
+    @property
+    def stays_at_its_positions(self) -> bool:
+        return True
 
     @property
     def has_unit(self) -> bool:
@@ -259,6 +284,11 @@ class Head(Component):
 
     def hook_name(self, model: HookedTransformer) -> str:
         return f"blocks.{self.layer}.attn.hook_{self.part}"
+
+    @property
+    def stays_at_its_positions(self) -> bool:
+        # a query or a pattern row acts on its own position's output; keys and values on all
+        return self.part in ("z", "q", "pattern")
 
     @property
     def pos_dim(self) -> int:

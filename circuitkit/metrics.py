@@ -70,13 +70,23 @@ class Metric:
         return self.at(logits[rows, self.positions.to(logits.device)])
 
 
-def check_metric_output(values: Tensor, n: int, where: str) -> Tensor:
-    """Raise a MetricError unless ``values`` is a finite [n] tensor; return it."""
+def check_metric_shape(values: Tensor, n: int, where: str) -> Tensor:
+    """Raise a MetricError unless ``values`` is an [n] tensor; return it.
+
+    Unlike ``check_metric_output`` it does not read the values, so on a GPU it does not wait
+    for them to be computed.
+    """
     if not isinstance(values, Tensor) or values.shape != (n,):
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise MetricError(
             f"{where}: the metric must return one value per example, shape ({n},), got {shape}"
         )
+    return values
+
+
+def check_metric_output(values: Tensor, n: int, where: str) -> Tensor:
+    """Raise a MetricError unless ``values`` is a finite [n] tensor; return it."""
+    check_metric_shape(values, n, where)
     if not torch.isfinite(values).all():
         raise MetricError(f"{where}: the metric returned NaN or infinite values: {values}")
     return values

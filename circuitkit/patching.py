@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 
 from circuitkit import provenance
 from circuitkit.components import Component, Head, all_components
+from circuitkit.distributed import run_interventions as distributed_run_interventions
 from circuitkit.engine import Intervention, MetricLike, Patch, run_interventions
 from circuitkit.errors import CircuitkitError, ComponentError
 from circuitkit.inputs import (
@@ -56,6 +57,7 @@ def activation_patching(
     reference: bool = False,
     memory_budget: int | None = None,
     keep_examples: bool = True,
+    distributed: bool = False,
     progress: bool = True,
 ) -> Result:
     """Patch each component of a kind, one at a time, and read the metric.
@@ -77,6 +79,10 @@ def activation_patching(
     keeps the per-example values (for standard errors, intervals and comparisons; pass
     ``keep_examples=False`` to drop them where memory matters), and its ``provenance`` records
     the arguments, data, metric and model (with a fingerprint of its weights).
+
+    ``distributed=True`` shares the patches out among the processes of torch.distributed's
+    default process group (one per GPU, started with ``torchrun``; see
+    ``circuitkit.distributed``); every process returns the whole result.
 
     Example::
 
@@ -107,20 +113,21 @@ def activation_patching(
         source.to(model.cfg.device), names_filter=lambda name: name in hooks
     )
     runs = [Intervention(cell, Patch(cache[cell.hook_name(model)])) for cell in cells]
-    examples = run_interventions(
+    run = distributed_run_interventions if distributed else run_interventions
+    # on a GPU the provenance record (its weight fingerprint) is made while the patches run
+    examples, made = provenance.record_alongside(
         model,
-        base,
-        runs,
-        metric,
-        positions=word_positions,
-        reference=reference,
-        memory_budget=memory_budget,
-        progress=progress,
-        desc=f"{where} ({direction})",
-    )
-    shape = [len(labels[a]) for a in axes]
-    made = provenance.record(
-        model,
+        lambda: run(
+            model,
+            base,
+            runs,
+            metric,
+            positions=word_positions,
+            reference=reference,
+            memory_budget=memory_budget,
+            progress=progress,
+            desc=f"{where} ({direction})",
+        ),
         method=where,
         args={
             "component": component,
@@ -131,10 +138,12 @@ def activation_patching(
             "reference": reference,
             "memory_budget": memory_budget,
             "keep_examples": keep_examples,
+            "distributed": distributed,
         },
         data={"clean": clean, "corrupted": corrupted},
         metric=metric,
     )
+    shape = [len(labels[a]) for a in axes]
     examples = examples.reshape(*shape, examples.shape[-1])
     return Result(
         values=examples.mean(-1),

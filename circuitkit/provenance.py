@@ -28,15 +28,16 @@ threads (``hashlib`` releases the GIL), which keeps it fast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ from torch import Tensor
 from circuitkit.metrics import Metric
 
 _MAX_THREADS = 16
+T = TypeVar("T")
 
 
 def record(
@@ -91,11 +93,48 @@ def record(
     }
 
 
+def record_alongside(
+    model: torch.nn.Module, work: Callable[[], T], **record_args: Any
+) -> tuple[T, dict[str, Any]]:
+    """``(work(), record(model, **record_args))``, the record made while ``work`` runs.
+
+    The costly part of a record is the weight fingerprint: every weight is copied to the CPU
+    and hashed. For a model on a GPU it is computed in a background thread, its copies queued
+    on a side CUDA stream that waits for the work queued before this call (an in-place edit of
+    a weight, say) but not for ``work``'s, so the hashing overlaps ``work``'s GPU computation.
+    On the CPU the two run one after the other. If ``work`` raises, so does this, once the
+    record is done.
+
+    Example::
+
+        values, prov = ck.provenance.record_alongside(
+            model, lambda: run_interventions(model, tokens, runs, metric),
+            method="my_sweep", data=tokens, metric=metric)
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type != "cuda":
+        value = work()
+        return value, record(model, **record_args)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+
+    def in_background() -> dict[str, Any]:
+        with torch.cuda.stream(side):
+            return record(model, **record_args)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        made = pool.submit(in_background)
+        value = work()
+        return value, made.result()
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """``"sha256:<hex>"`` over every parameter's name, dtype, shape and bytes, in order.
 
     The same weights give the same fingerprint on any device; a weight changed in any way gives
-    another. Parameters are hashed in parallel threads; on a GPU each is copied to the CPU first.
+    another. Parameters are hashed in parallel threads; on a GPU each is copied to the CPU first,
+    on the caller's current CUDA stream.
 
     Example::
 
@@ -105,8 +144,16 @@ def fingerprint(model: torch.nn.Module) -> str:
     """
     params = list(model.named_parameters())
     threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(params)))
+    on_gpu = [param.device for _, param in params if param.is_cuda]
+    # the current stream is per thread: the workers copy on the caller's
+    stream = torch.cuda.current_stream(on_gpu[0]) if on_gpu else None
+
+    def digest(named: tuple[str, Tensor]) -> str:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return tensor_digest(named[1])
+
     with torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = list(pool.map(lambda named: tensor_digest(named[1]), params))
+        digests = list(pool.map(digest, params))
     total = hashlib.sha256()
     for (name, param), digest in zip(params, digests, strict=True):
         total.update(f"{name}|{param.dtype}|{tuple(param.shape)}|{digest}\n".encode())

@@ -57,8 +57,9 @@ def frozen(model, tokens):
 
     With them fixed, an attention-only model is affine in every activation, so a logit
     difference is linear in each: first-order estimates are then exact. Runs may be stacked
-    along the batch and may compute only the last positions (the engine), and the layer norms
-    may see one input per head (split inputs); the held values are cut and tiled to fit.
+    along the batch, and the layer norms may see one input per head (split inputs); the held
+    values are tiled to fit. Exact runs under it use the reference modes, which compute every
+    position.
     """
     n_layers = model.cfg.n_layers
     names = [ck.Head(layer, 0).pattern.hook_name(model) for layer in range(n_layers)]
@@ -139,7 +140,10 @@ def test_equals_activation_patching_where_the_metric_is_linear(tiny_attn_only, d
         for kind, per_position in sweeps:
             kwargs = dict(direction=direction, per_position=per_position, progress=False)
             approx = ck.attribution_patching(model, clean, corrupted, metric, kind, **kwargs)
-            exact = ck.activation_patching(model, clean, corrupted, kind, metric, **kwargs)
+            # the reference engine runs whole forwards, which the held values fit
+            exact = ck.activation_patching(
+                model, clean, corrupted, kind, metric, reference=True, **kwargs
+            )
             assert_close(approx.examples, exact.examples, atol=1e-5, rtol=1e-5)
             assert exact.values.std() > 1e-2, kind
 
@@ -169,7 +173,7 @@ def test_eap_equals_single_edge_patching_where_the_metric_is_linear(tiny_attn_on
         )
         runs = [[], *([edge] for edge in graph.edges)]
         replacement = ck.sender_outputs(model, other)
-        patched = ck.patch_edges(model, base, runs, metric, replacement=replacement)
+        patched = ck.patch_edges(model, base, runs, metric, replacement=replacement, reference=True)
     exact = patched[1:] - patched[0]
     rows, columns = graph.valid.nonzero(as_tuple=True)
     assert_close(eap.examples[rows, columns], exact, atol=1e-5, rtol=1e-5)

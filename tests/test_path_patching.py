@@ -200,7 +200,7 @@ def test_senders_without_a_path_get_the_base_value(tiny_gpt2):
     result = ck.path_patching(
         tiny_gpt2, clean, corrupted, "heads", receivers, metric, progress=False
     )
-    clean_value = metric(tiny_gpt2(clean.tokens))
+    clean_value = metric(tiny_gpt2(clean.tokens)).cpu()
     for layer in (1, 2):  # heads in the receivers' layer and later
         for head in range(tiny_gpt2.cfg.n_heads):
             assert_close(result.examples[layer, head], clean_value)
@@ -354,4 +354,4 @@ def test_fast_equals_reference_on_smollm(smollm):
         for h in (3, 5)
     ]
     assert equal(keys[0], keys[1])
-    assert (keys[0] - metric(smollm(clean.tokens))).abs().max() > 1e-4
+    assert (keys[0] - metric(smollm(clean.tokens)).cpu()).abs().max() > 1e-4
