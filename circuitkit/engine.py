@@ -12,11 +12,13 @@ Fast path (the default):
   a base batch of ``n`` examples is a batch of ``c * n``. Chunks are sized to a memory budget.
 - Nothing before the earliest layer a run touches can change, so each chunk starts there, from
   the base run's cached residual stream, instead of at the embeddings. In a causal model
-  nothing at a position before the earliest position a run touches can change either, so only
-  the positions from there on are computed; attention reads the base run's cached keys and
-  values for the earlier ones.
-- A ``Metric`` reads one position per example, so only the final residual stream at those
-  positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits.
+  nothing at a position before the earliest position a run touches can change either, so in
+  each example only the positions from the first one touched *in that example* are computed
+  (examples that start at the same position go through the blocks together); attention reads
+  the base run's cached keys and values for the earlier ones.
+- A ``Metric`` reads one position per example, so positions after the last one it reads are
+  not computed, and only the final residual stream at the read positions is normalised and
+  unembedded, not the full ``[batch, pos, d_vocab]`` logits.
 - The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
   one Python call per run.
 
@@ -145,7 +147,8 @@ class _Compiled:
     value: Value
     layer: int
     pos_dim: int  # the activation's (query) position dimension
-    first_pos: int  # the first position the mask selects in any example; n_pos if none
+    key_dim: int | None  # an attention pattern's key position dimension, else None
+    first_pos: Tensor  # [n] the first position the mask selects in each example; n_pos if none
 
 
 def run_interventions(
@@ -205,6 +208,7 @@ def record_activations(
     reference: bool = False,
     memory_budget: int | None = None,
     max_runs_per_chunk: int | None = None,
+    last_positions: Int[Tensor, "n"] | None = None,
     progress: bool = True,
     desc: str = "recording",
 ) -> list[Float[Tensor, "n_runs n ..."]]:
@@ -215,8 +219,14 @@ def record_activations(
     component's hook (its head, neuron and position selection play no part: the full ``[n,
     ...]`` activation, the shape a ``Patch`` takes), as it is after the run's interventions.
     The fast path starts each chunk at its first intervention or first recorded layer and
-    stops after the last recorded layer. ``reference=True`` runs one plain ``run_with_hooks``
-    forward per run.
+    stops after the last recorded layer; in each example it computes only the positions from
+    the first one the run touches there (earlier positions keep the base run's activations).
+    ``reference=True`` runs one plain ``run_with_hooks`` forward per run.
+
+    ``last_positions`` ([n], optional) says that only positions up to ``last_positions[i]`` of
+    example ``i`` will be read: later positions then hold the base run's activations instead of
+    the run's, and the fast path does not compute them (in a causal model they cannot change
+    the earlier ones).
 
     Returns one tensor per component of ``record``, shape ``[len(runs), n, ...]``, on the
     model's device; components at the same hook share one tensor.
@@ -238,7 +248,8 @@ def record_activations(
         )
     for component in record:
         component.validate(model)
-    layers = {c.hook_name(model): c.layer for c in record}
+    layers = {c.hook_name(model): (c.layer, c.pos_dim, c.key_pos_dim) for c in record}
+    last = _check_last_positions(last_positions, tokens, where)
 
     with torch.no_grad():
         shapes = _activation_shapes(model, tokens, record)
@@ -250,7 +261,7 @@ def record_activations(
         else:
             compiled = _compile(model, tokens, runs_list, positions)
             if reference:
-                acts = _record_reference(model, tokens, compiled, layers, progress, desc)
+                acts = _record_reference(model, tokens, compiled, layers, last, progress, desc)
             else:
                 acts = _record_fast(
                     model,
@@ -258,12 +269,42 @@ def record_activations(
                     compiled,
                     layers,
                     shapes,
+                    last,
                     memory_budget,
                     max_runs_per_chunk,
                     progress,
                     desc,
                 )
     return [acts[c.hook_name(model)] for c in record]
+
+
+def _check_last_positions(last: Tensor | None, tokens: Tensor, where: str) -> Tensor:
+    """[n] the last position to record in each example (the last one when not given)."""
+    n, n_pos = tokens.shape
+    if last is None:
+        return torch.full((n,), n_pos - 1, device=tokens.device)
+    if not isinstance(last, Tensor) or last.shape != (n,) or last.is_floating_point():
+        shape = tuple(last.shape) if isinstance(last, Tensor) else type(last).__name__
+        raise ShapeError(
+            f"{where}: last_positions must be an integer [n] tensor with n = {n}, got {shape}"
+        )
+    if int(last.min()) < 0 or int(last.max()) >= n_pos:
+        raise ShapeError(
+            f"{where}: last_positions must lie in 0..{n_pos - 1}, got values from "
+            f"{int(last.min())} to {int(last.max())}"
+        )
+    return last.to(tokens.device).long()
+
+
+def _base_after(act: Tensor, base_act: Tensor, last: Tensor, pos_dim: int, start: int) -> Tensor:
+    """``act`` ([runs, n, ...], holding positions ``start`` onwards) with the base run's
+    activation ``base_act`` (the same entries, [n, ...]) at every position after ``last[i]``."""
+    n_pos = act.shape[1 + pos_dim]
+    index = torch.arange(start, start + n_pos, device=act.device)
+    after = index[None, :] > last[:, None]  # [n, n_pos]
+    trailing = [1] * (act.ndim - 2 - pos_dim)
+    after = after.view(after.shape[0], *[1] * (pos_dim - 1), n_pos, *trailing)
+    return torch.where(after, base_act, act)
 
 
 def _check_runs(
@@ -312,7 +353,7 @@ def _compile(
 ) -> list[list[_Compiled]]:
     """Resolve every intervention to (hook, mask, value) and check shapes and overlaps."""
     shapes = _activation_shapes(model, tokens, [i.component for run in runs for i in run])
-    mask_cache: dict[object, tuple[Tensor, int]] = {}
+    mask_cache: dict[object, tuple[Tensor, Tensor]] = {}
     compiled: list[list[_Compiled]] = []
     for run in runs:
         items = []
@@ -323,11 +364,19 @@ def _compile(
             if key not in mask_cache:
                 shape = shapes[hook]
                 mask = selection_mask(comp, model, shape, positions, tokens.device)
-                mask_cache[key] = (mask, _first_position(mask, comp.pos_dim))
+                mask_cache[key] = (mask, _first_positions(mask, comp.pos_dim, shape[0]))
             _check_value(intervention, shapes[hook])
             mask, first_pos = mask_cache[key]
             items.append(
-                _Compiled(hook, mask, intervention.value, comp.layer, comp.pos_dim, first_pos)
+                _Compiled(
+                    hook,
+                    mask,
+                    intervention.value,
+                    comp.layer,
+                    comp.pos_dim,
+                    comp.key_pos_dim,
+                    first_pos,
+                )
             )
         _check_no_overlap(run, items)
         compiled.append(items)
@@ -358,11 +407,14 @@ def _activation_shapes(
     return shapes
 
 
-def _first_position(mask: Tensor, pos_dim: int) -> int:
-    """The first position a selection mask selects in any example (its length if none)."""
+def _first_positions(mask: Tensor, pos_dim: int, n: int) -> Tensor:
+    """[n] the first position a selection mask selects in each example (its length if none)."""
     n_pos = mask.shape[pos_dim]
-    selected = mask.movedim(pos_dim, 0).reshape(n_pos, -1).any(dim=1).nonzero()
-    return int(selected[0]) if len(selected) else n_pos
+    by_position = mask.movedim(pos_dim, 1)
+    selected = by_position.reshape(*by_position.shape[:2], -1).any(dim=2)  # [n or 1, n_pos]
+    index = torch.arange(n_pos, device=mask.device).expand_as(selected)
+    first = torch.where(selected, index, n_pos).min(dim=1).values
+    return first.expand(n).cpu()
 
 
 def _component_key(component: Component) -> object:
@@ -449,7 +501,8 @@ def _record_reference(
     model: HookedTransformer,
     tokens: Tensor,
     compiled: list[list[_Compiled]],
-    record: Mapping[str, int],
+    record: Mapping[str, tuple[int, int, int | None]],
+    last: Tensor,
     progress: bool,
     desc: str,
 ) -> dict[str, Tensor]:
@@ -459,7 +512,11 @@ def _record_reference(
         # added after the interventions, so they see the activations the interventions made
         fwd_hooks += [(name, _store_hook(recorded[name])) for name in record]
         model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None)
-    return {name: torch.stack(acts) for name, acts in recorded.items()}
+    _, base_cache = model.run_with_cache(tokens, names_filter=lambda name: name in record)
+    return {
+        name: _base_after(torch.stack(acts), base_cache[name], last, record[name][1], 0)
+        for name, acts in recorded.items()
+    }
 
 
 def _store_hook(into: list[Tensor]) -> Callable:
@@ -473,6 +530,9 @@ def _store_hook(into: list[Tensor]) -> Callable:
 # Fast path: many runs per forward, starting at the first layer and position touched
 
 
+Start = tuple[int, tuple[int, ...]]  # (layer, first position per example)
+
+
 def _run_fast(
     model: HookedTransformer,
     tokens: Tensor,
@@ -484,87 +544,174 @@ def _run_fast(
     desc: str,
 ) -> Tensor:
     n, n_pos = tokens.shape
-    base = _base_run(model, tokens)
-    starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
+    base = _base_run(model, tokens, [])
+    starts = [_start_of(model, items, n, n_pos, base.reuses_prefix) for items in compiled]
     full_logits = not isinstance(metric, Metric)
+    read = metric.positions.to(tokens.device) if isinstance(metric, Metric) else None
+    final = base.resid[model.cfg.n_layers]
 
-    def chunk_size(start: tuple[int, int]) -> int:
-        per_run = _bytes_per_run(model, n, n_pos - start[1], n_pos, full_logits)
+    def chunk_size(start: Start) -> int:
+        per_run = _bytes_per_run(model, n, n_pos - min(start[1]), n_pos, full_logits)
         return _chunk_size(model, per_run, memory_budget, max_runs_per_chunk)
 
     results = torch.empty(len(compiled), n)
     with tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar:
         for chunk in _chunks(starts, chunk_size):
             c = len(chunk)
-            layer, pos = starts[chunk[0]]
-            hooks = _chunk_hooks([compiled[r] for r in chunk], c, n, pos)
-            with _hooks_added(model, hooks.items()):
-                residual = _run_blocks(model, tokens, c, layer, pos, model.cfg.n_layers, base)
-                values = _read_metric(model, residual, metric, c, n, pos, base)
+            layer, firsts = starts[chunk[0]]
+            items = [compiled[r] for r in chunk]
+            # What the metric reads, [c, n, ...]: the base run's, overwritten where a run
+            # changes it. A Metric reads one position per example; a callable all of them.
+            if read is None:
+                out = _tile(final, c).view(c, *final.shape).clone()
+            else:
+                out = _tile(final[torch.arange(n, device=final.device), read], c).view(c, n, -1)
+            for pos, stop, rows in _example_groups(firsts, read, n_pos, base.reuses_prefix):
+                hooks = _chunk_hooks(items, c, n, rows, pos, stop, n_pos)
+                with _hooks_added(model, hooks.items()):
+                    residual = _run_blocks(
+                        model, tokens, c, layer, pos, stop, model.cfg.n_layers, base, rows
+                    )
+                residual = residual.view(c, len(rows), stop - pos, -1)
+                if read is None:
+                    out[:, rows, pos:stop] = residual
+                else:
+                    out[:, rows] = residual[:, torch.arange(len(rows)), read[rows] - pos]
+            values = _read_metric(model, out, metric, c, n)
             results[torch.tensor(chunk)] = values.float().cpu()
             bar.update(c)
     return results
 
 
 def _start_of(
-    model: HookedTransformer, items: list[_Compiled], n_pos: int, reuses_prefix: bool
-) -> tuple[int, int]:
-    """``(layer, position)`` from which a run must be recomputed.
+    model: HookedTransformer, items: list[_Compiled], n: int, n_pos: int, reuses_prefix: bool
+) -> Start:
+    """``(layer, first positions)`` from which a run must be recomputed.
 
     Nothing before the earliest layer a run touches changes, and, the model being causal,
-    nothing at a position before the earliest position it touches. A run that selects
-    nothing (or no run at all) starts after the last layer: it is the base run.
+    nothing in an example at a position before the earliest position the run touches there.
+    A run that selects nothing (or no run at all) starts after the last layer: it is the base
+    run. Without prefix reuse every example starts at position 0.
     """
     n_layers = model.cfg.n_layers
-    pos = min((item.first_pos for item in items), default=n_pos)
-    if pos >= n_pos:
-        return n_layers, 0
+    if not items:
+        return n_layers, (n_pos,) * n
+    firsts = torch.stack([item.first_pos for item in items]).min(dim=0).values
+    if bool((firsts >= n_pos).all()):
+        return n_layers, (n_pos,) * n
     layer = min(item.layer for item in items)
-    return layer, pos if reuses_prefix else 0
+    return layer, tuple(firsts.tolist()) if reuses_prefix else (0,) * n
+
+
+def _example_groups(
+    firsts: tuple[int, ...], read: Tensor | None, n_pos: int, reuses_prefix: bool
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(pos, stop, rows)``: the examples ``rows`` that start at ``pos``, computed up to ``stop``.
+
+    Examples are grouped by their first changed position. A metric that reads one position
+    per example (``read``) needs nothing after the last one it reads in the group, and
+    nothing from an example whose read position comes before its first change.
+    """
+    first = torch.tensor(firsts, device=read.device if read is not None else None)
+    if not reuses_prefix:
+        yield 0, n_pos, torch.arange(len(firsts), device=first.device)
+        return
+    for pos in sorted(set(firsts)):
+        if pos >= n_pos:
+            continue
+        rows = (first == pos).nonzero()[:, 0]
+        stop = n_pos
+        if read is not None:
+            rows = rows[read[rows] >= pos]
+            if len(rows) == 0:
+                continue
+            stop = int(read[rows].max()) + 1
+        yield pos, stop, rows
 
 
 def _record_fast(
     model: HookedTransformer,
     tokens: Tensor,
     compiled: list[list[_Compiled]],
-    record: Mapping[str, int],
+    record: Mapping[str, tuple[int, int, int | None]],
     shapes: Mapping[str, torch.Size],
+    last: Tensor,
     memory_budget: int | None,
     max_runs_per_chunk: int | None,
     progress: bool,
     desc: str,
 ) -> dict[str, Tensor]:
     n, n_pos = tokens.shape
-    # A chunk must reach the first recorded layer and need not go past the last one. Recorded
-    # activations span every position, so every position is computed.
-    first, stop = min(record.values()), max(record.values()) + 1
-    starts = [(min([item.layer for item in items] + [first]), 0) for items in compiled]
-    base = _base_run(model, tokens)
+    # A chunk must reach the first recorded layer and need not go past the last one. In each
+    # example, positions before the first one a run touches keep the base run's activations.
+    layers = [layer for layer, _, _ in record.values()]
+    first, stop = min(layers), max(layers) + 1
+    base = _base_run(model, tokens, list(record))
+    starts = []
+    for items in compiled:
+        layer, firsts = _start_of(model, items, n, n_pos, base.reuses_prefix)
+        starts.append((min(layer, first), firsts))
     itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
     recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
-    per_run = _bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
-    size = _chunk_size(model, per_run, memory_budget, max_runs_per_chunk)
 
-    recorded: dict[str, Tensor] = {}
+    def chunk_size(start: Start) -> int:
+        per_run = _bytes_per_run(model, n, n_pos - min(start[1]), n_pos, full_logits=False)
+        return _chunk_size(model, per_run + recorded_per_run, memory_budget, max_runs_per_chunk)
+
+    recorded = {
+        name: act.unsqueeze(0).repeat(len(compiled), *[1] * act.ndim)
+        for name, act in base.recorded.items()
+    }
     with tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar:
-        for chunk in _chunks(starts, lambda start: size):
+        for chunk in _chunks(starts, chunk_size):
             c = len(chunk)
-            rows = torch.tensor(chunk, device=tokens.device)
-
-            def store(act: Tensor, name: str, rows: Tensor = rows, c: int = c) -> None:
-                if name not in recorded:
-                    recorded[name] = act.new_empty(len(compiled), n, *act.shape[1:])
-                recorded[name][rows] = act.view(c, n, *act.shape[1:])
-
-            hooks = [
-                *_chunk_hooks([compiled[r] for r in chunk], c, n, 0).items(),
-                # added after the interventions, so they see the activations the interventions made
-                *[(name, lambda act, name=name: store(act, name)) for name in record],
-            ]
-            with _hooks_added(model, hooks):
-                _run_blocks(model, tokens, c, starts[chunk[0]][0], 0, stop, base)
+            layer, firsts = starts[chunk[0]]
+            runs = torch.tensor(chunk, device=tokens.device)
+            items = [compiled[r] for r in chunk]
+            for pos, stop_pos, rows in _example_groups(firsts, last, n_pos, base.reuses_prefix):
+                store = _storer(recorded, record, base.recorded, runs, rows, pos, last)
+                hooks = [
+                    *_chunk_hooks(items, c, n, rows, pos, stop_pos, n_pos).items(),
+                    # after the interventions, so they see the activations the interventions made
+                    *[
+                        (name, lambda act, name=name, store=store: store(act, name))
+                        for name in record
+                    ],
+                ]
+                with _hooks_added(model, hooks):
+                    _run_blocks(model, tokens, c, layer, pos, stop_pos, stop, base, rows)
             bar.update(c)
     return recorded
+
+
+def _storer(
+    recorded: dict[str, Tensor],
+    record: Mapping[str, tuple[int, int, int | None]],
+    base_recorded: Mapping[str, Tensor],
+    runs: Tensor,
+    rows: Tensor,
+    pos: int,
+    last: Tensor,
+) -> Callable[[Tensor, str], None]:
+    """A function that writes a chunk's activation at one hook into ``recorded``: runs
+    ``runs``, examples ``rows``, the positions computed from ``pos`` on, except those after
+    ``last``, which keep the base run's."""
+
+    def store(act: Tensor, name: str) -> None:
+        layer, pos_dim, key_dim = record[name]
+        at = pos if layer >= 0 else 0  # the embeddings are computed at every position
+        view = act.view(len(runs), len(rows), *act.shape[1:])
+        stop = at + view.shape[1 + pos_dim]
+        keys = slice(None) if key_dim is None else slice(0, view.shape[1 + key_dim])
+        where = [slice(None)] * (view.ndim - 2)
+        where[pos_dim - 1] = slice(at, stop)
+        if key_dim is not None:
+            where[key_dim - 1] = keys
+        base_act = base_recorded[name][(rows, *where)]
+        view = _base_after(view, base_act, last[rows], pos_dim, at)
+        recorded[name][(runs[:, None], rows[None, :], *where)] = view
+
+    return store
 
 
 @dataclass
@@ -573,7 +720,8 @@ class _BaseRun:
 
     ``resid[l]`` is the residual stream entering block ``l`` (``resid[n_layers]`` the final
     one); ``keys[l]`` and ``values[l]`` are block ``l``'s attention keys and values (before
-    rotary), which positions before a run's first patched position share with the base run.
+    rotary), which positions before a run's first patched position share with the base run;
+    ``recorded`` the base run's activations at hooks asked for by name.
     """
 
     resid: dict[int, Tensor]
@@ -581,6 +729,7 @@ class _BaseRun:
     values: dict[int, Tensor]
     shortformer_pos_embed: Tensor | None
     attention_mask: Tensor | None
+    recorded: dict[str, Tensor]
 
     @property
     def reuses_prefix(self) -> bool:
@@ -589,26 +738,30 @@ class _BaseRun:
         return self.attention_mask is None
 
 
-def _base_run(model: HookedTransformer, tokens: Tensor) -> _BaseRun:
-    """One forward of the base input, keeping each block's input, keys and values."""
-    residual, _, shortformer, attention_mask = model.input_to_embed(tokens)
-    base = _BaseRun({}, {}, {}, shortformer, attention_mask)
-    for layer, block in enumerate(model.blocks):
-        base.resid[layer] = residual
-        entry = None
-        if base.reuses_prefix:
-            entry = TransformerLensKeyValueCacheEntry.init_cache_entry(
-                model.cfg, residual.device, tokens.shape[0]
+def _base_run(model: HookedTransformer, tokens: Tensor, record: Sequence[str]) -> _BaseRun:
+    """One forward of the base input, keeping each block's input, keys and values, and the
+    activations at the hooks ``record``."""
+    recorded: dict[str, Tensor] = {}
+    hooks = [(name, lambda act, name=name: recorded.__setitem__(name, act)) for name in record]
+    with _hooks_added(model, hooks):
+        residual, _, shortformer, attention_mask = model.input_to_embed(tokens)
+        base = _BaseRun({}, {}, {}, shortformer, attention_mask, recorded)
+        for layer, block in enumerate(model.blocks):
+            base.resid[layer] = residual
+            entry = None
+            if base.reuses_prefix:
+                entry = TransformerLensKeyValueCacheEntry.init_cache_entry(
+                    model.cfg, residual.device, tokens.shape[0]
+                )
+            residual = block(
+                residual,
+                shortformer_pos_embed=shortformer,
+                past_kv_cache_entry=entry,
+                attention_mask=attention_mask,
             )
-        residual = block(
-            residual,
-            shortformer_pos_embed=shortformer,
-            past_kv_cache_entry=entry,
-            attention_mask=attention_mask,
-        )
-        if entry is not None:
-            base.keys[layer], base.values[layer] = entry.past_keys, entry.past_values
-    base.resid[model.cfg.n_layers] = residual
+            if entry is not None:
+                base.keys[layer], base.values[layer] = entry.past_keys, entry.past_values
+        base.resid[model.cfg.n_layers] = residual
     return base
 
 
@@ -620,11 +773,9 @@ def _chunk_size(
     return size if max_runs is None else max(1, min(size, max_runs))
 
 
-def _chunks(
-    starts: list[tuple[int, int]], chunk_size: Callable[[tuple[int, int]], int]
-) -> Iterator[list[int]]:
+def _chunks(starts: list[Start], chunk_size: Callable[[Start], int]) -> Iterator[list[int]]:
     """Run indices in chunks of one start and at most ``chunk_size(start)`` runs each."""
-    # Runs that start at the same layer and position go together, so no chunk starts earlier
+    # Runs that start at the same layer and positions go together, so no chunk starts earlier
     # than it must.
     order = sorted(range(len(starts)), key=lambda r: starts[r])
     i = 0
@@ -668,33 +819,36 @@ def _run_blocks(
     c: int,
     start: int,
     pos: int,
+    stop_pos: int,
     stop: int,
     base: _BaseRun,
+    rows: Tensor,
 ) -> Tensor:
-    """The residual stream after block ``stop - 1`` for a chunk of c runs (a c * n batch), at
-    positions ``pos`` onwards.
+    """The residual stream after block ``stop - 1`` for a chunk of c runs on the examples
+    ``rows`` (a c * len(rows) batch), at positions ``pos`` to ``stop_pos``.
 
     It starts from the base run's residual stream before block ``start`` (from the embeddings
     when ``start`` is negative); the blocks read the base run's keys and values for the
-    positions before ``pos``.
+    positions before ``pos``. Positions after ``stop_pos`` cannot change earlier ones.
     """
-    attention_mask = None if base.attention_mask is None else _tile(base.attention_mask, c)
+    attention_mask = base.attention_mask
+    attention_mask = None if attention_mask is None else _tile(attention_mask[rows], c)
     if start < 0:
-        residual, _, shortformer, attention_mask = model.input_to_embed(_tile(tokens, c))
-        residual = residual[:, pos:]
+        residual, _, shortformer, attention_mask = model.input_to_embed(_tile(tokens[rows], c))
+        residual = residual[:, pos:stop_pos]
         start = 0
     else:
-        residual = _tile(base.resid[start][:, pos:], c)
+        residual = _tile(base.resid[start][rows, pos:stop_pos], c)
         shortformer = base.shortformer_pos_embed
-        shortformer = None if shortformer is None else _tile(shortformer, c)
+        shortformer = None if shortformer is None else _tile(shortformer[rows], c)
     if shortformer is not None:
-        shortformer = shortformer[:, pos:]
+        shortformer = shortformer[:, pos:stop_pos]
     for layer in range(start, stop):
         entry = None
         if pos > 0:
             entry = TransformerLensKeyValueCacheEntry(
-                _tile(base.keys[layer][:, :pos], c),
-                _tile(base.values[layer][:, :pos], c),
+                _tile(base.keys[layer][rows, :pos], c),
+                _tile(base.values[layer][rows, :pos], c),
                 frozen=True,
             )
         residual = model.blocks[layer](
@@ -707,30 +861,16 @@ def _run_blocks(
 
 
 def _read_metric(
-    model: HookedTransformer,
-    residual: Tensor,
-    metric: MetricLike,
-    c: int,
-    n: int,
-    pos: int,
-    base: _BaseRun,
+    model: HookedTransformer, out: Tensor, metric: MetricLike, c: int, n: int
 ) -> Tensor:
-    """The metric [c, n] of a chunk from its final residual stream [c * n, pos..., d_model],
-    which holds the positions from ``pos`` on; earlier ones are the base run's."""
-    final = base.resid[model.cfg.n_layers]
+    """The metric [c, n] of a chunk from its final residual stream: [c, n, d_model] at the
+    metric's read positions for a ``Metric``, [c, n, pos, d_model] for a plain callable."""
     if isinstance(metric, Metric):
-        read = metric.positions.to(residual.device).repeat(c)
-        rows = torch.arange(c * n, device=residual.device)
-        # an example whose read position comes before ``pos`` is unchanged by the run
-        patched = residual[rows, (read - pos).clamp(min=0)]
-        unchanged = final[rows % n, read]
-        read_resid = torch.where((read >= pos)[:, None], patched, unchanged)
-        logits = _unembed(model, read_resid[:, None, :])[:, 0]
+        logits = _unembed(model, out.view(c * n, 1, -1))[:, 0]
         values = metric.at(logits.view(c, n, -1))
         check_metric_output(values.reshape(-1), c * n, "run_interventions")
         return values
-    residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
-    logits = _unembed(model, residual).view(c, n, *residual.shape[1:2], -1)
+    logits = _unembed(model, out.view(c * n, *out.shape[2:])).view(c, n, *out.shape[2:3], -1)
     return torch.stack(
         [check_metric_output(metric(logits[k]), n, "run_interventions") for k in range(c)]
     )
@@ -743,43 +883,64 @@ def _unembed(model: HookedTransformer, residual: Tensor) -> Tensor:
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
-def _chunk_hooks(chunk: list[list[_Compiled]], c: int, n: int, pos: int) -> dict[str, Callable]:
+def _chunk_hooks(
+    chunk: list[list[_Compiled]], c: int, n: int, rows: Tensor, pos: int, stop: int, n_pos: int
+) -> dict[str, Callable]:
     """One function per hook that applies all of the chunk's interventions on it at once.
 
-    The activation has c * n rows; it is viewed as [c, n, ...] so run k's interventions land on
-    block k. Interventions with the same value object (the usual sweep: every run patches from
-    the same cache) share one ``torch.where``; runs with their own values are stacked. Inside
-    the blocks only positions ``pos`` onwards are computed, so masks and values are cut to
-    them; the embeddings are computed whole.
+    The activation has c * len(rows) rows; it is viewed as [c, len(rows), ...] so run k's
+    interventions land on block k. Interventions with the same value object (the usual sweep:
+    every run patches from the same cache) share one ``torch.where``; runs with their own
+    values are stacked. Only the examples ``rows`` are computed, and inside the blocks only
+    positions ``pos`` to ``stop``, so masks and values are cut to them; the embeddings are
+    computed at every position.
     """
+    every_row = len(rows) == n and bool((rows == torch.arange(n, device=rows.device)).all())
+    cut = _Cut(None if every_row else rows, n, pos, stop, n_pos)
     by_hook: dict[str, list[tuple[int, _Compiled]]] = {}
     for k, items in enumerate(chunk):
         for item in items:
-            if item.layer >= 0 and pos > 0:
-                item = _from_position(item, pos)
-            by_hook.setdefault(item.hook, []).append((k, item))
-    return {hook: _make_hook_fn(entries, c, n) for hook, entries in by_hook.items()}
+            by_hook.setdefault(item.hook, []).append((k, cut(item)))
+    return {hook: _make_hook_fn(entries, c, len(rows)) for hook, entries in by_hook.items()}
 
 
-def _from_position(item: _Compiled, pos: int) -> _Compiled:
-    """``item`` acting on an activation that holds only positions ``pos`` onwards."""
+class _Cut:
+    """Interventions cut to some examples and positions; tensors shared by several
+    interventions (one cache, one mask) are cut once and stay shared."""
 
-    def cut(tensor: Tensor, ndim: int) -> Tensor:
-        # ``tensor`` broadcasts to an activation of ``ndim`` dims, aligned on the right
-        dim = item.pos_dim - (ndim - tensor.ndim)
-        if dim < 0 or tensor.shape[dim] == 1:
-            return tensor
-        return tensor.narrow(dim, pos, tensor.shape[dim] - pos)
+    def __init__(self, rows: Tensor | None, n: int, pos: int, stop: int, n_pos: int) -> None:
+        self.rows, self.n, self.pos, self.stop, self.n_pos = rows, n, pos, stop, n_pos
+        self.done: dict[tuple, Tensor] = {}
 
-    ndim = max(item.mask.ndim, item.pos_dim + 1)
-    value = item.value
-    if isinstance(value, Patch):
-        value = Patch(cut(value.source, value.source.ndim))
-    elif isinstance(value, SetTo):
-        value = SetTo(cut(value.value, ndim))
-    elif isinstance(value, Add):
-        value = Add(cut(value.delta, ndim))
-    return dataclasses.replace(item, mask=cut(item.mask, item.mask.ndim), value=value)
+    def __call__(self, item: _Compiled) -> _Compiled:
+        value = item.value
+        if isinstance(value, Patch):
+            value = Patch(self.tensor(item, value.source))
+        elif isinstance(value, SetTo):
+            value = SetTo(self.tensor(item, value.value))
+        elif isinstance(value, Add):
+            value = Add(self.tensor(item, value.delta))
+        return dataclasses.replace(item, mask=self.tensor(item, item.mask), value=value)
+
+    def tensor(self, item: _Compiled, tensor: Tensor) -> Tensor:
+        # ``tensor`` broadcasts to the activation (as many dims as the mask), aligned right
+        lead = item.mask.ndim - tensor.ndim
+        key = (id(tensor), lead, item.layer >= 0, item.pos_dim, item.key_dim)
+        if key in self.done:
+            return self.done[key]
+        out = tensor
+        if self.rows is not None and lead == 0 and out.shape[0] == self.n:
+            out = out[self.rows.to(out.device)]
+        if item.layer >= 0:  # inside the blocks: only positions pos..stop exist
+            dim = item.pos_dim - lead
+            if dim >= 0 and out.shape[dim] != 1:
+                out = out.narrow(dim, self.pos, self.stop - self.pos)
+            if item.key_dim is not None:  # keys run up to the last computed query position
+                dim = item.key_dim - lead
+                if dim >= 0 and out.shape[dim] != 1:
+                    out = out.narrow(dim, 0, self.stop)
+        self.done[key] = out
+        return out
 
 
 def _make_hook_fn(entries: list[tuple[int, _Compiled]], c: int, n: int) -> Callable:
