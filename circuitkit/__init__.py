@@ -11,6 +11,7 @@ Example::
 
 from circuitkit import metrics, provenance
 from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
+from circuitkit.attention import attention_head_scores, attention_scores
 from circuitkit.attribution import direct_logit_attribution, logit_lens
 from circuitkit.causal_tracing import (
     CausalEffects,
@@ -21,6 +22,15 @@ from circuitkit.causal_tracing import (
     causal_trace,
     intervene_on_neuron,
     trace_token_probability,
+)
+from circuitkit.circuits import (
+    Circuit,
+    CircuitHead,
+    Edge,
+    Faithfulness,
+    completeness,
+    faithfulness,
+    minimality,
 )
 from circuitkit.components import MLP, Attn, Component, Embed, Head, Neuron, PosEmbed, Resid
 from circuitkit.data.ioi import IOIDataset
@@ -58,11 +68,15 @@ __all__ = [
     "Attn",
     "CausalEffects",
     "CausalTrace",
+    "Circuit",
+    "CircuitHead",
     "CircuitkitError",
     "Comparison",
     "Component",
     "ComponentError",
+    "Edge",
     "Embed",
+    "Faithfulness",
     "Head",
     "IOIDataset",
     "Intervention",
@@ -83,7 +97,11 @@ __all__ = [
     "ablate",
     "ablation_sweep",
     "activation_patching",
+    "attention_head_scores",
+    "attention_scores",
+    "completeness",
     "direct_logit_attribution",
+    "faithfulness",
     "average_indirect_effect",
     "causal_effects",
     "causal_trace",
@@ -93,6 +111,7 @@ __all__ = [
     "load_tokenizer",
     "logit_lens",
     "metrics",
+    "minimality",
     "path_patching",
     "plot",
     "plot_causal_trace",
