@@ -30,6 +30,7 @@ from circuitkit.circuits import (
     Faithfulness,
     completeness,
     faithfulness,
+    find_ioi_circuit,
     minimality,
 )
 from circuitkit.components import MLP, Attn, Component, Embed, Head, Neuron, PosEmbed, Resid
@@ -102,6 +103,7 @@ __all__ = [
     "completeness",
     "direct_logit_attribution",
     "faithfulness",
+    "find_ioi_circuit",
     "average_indirect_effect",
     "causal_effects",
     "causal_trace",

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _device import assert_close
+from _device import DEVICE, assert_close
 
 import circuitkit as ck
 from circuitkit.errors import CircuitkitError, ComponentError
@@ -273,3 +273,52 @@ def test_faithfulness_on_smollm(smollm):
     assert f.f_circuit == pytest.approx(expected, abs=1e-3)
     assert f.f_model == pytest.approx(float(metric(smollm(ds.tokens)).mean()), abs=1e-3)
     assert abs(f.f_circuit - f.f_model) > 1e-2
+
+
+def test_find_ioi_circuit_follows_its_rules():
+    tiny_llama = ck.tiny_model("llama", n_layers=4).to(DEVICE)  # deep enough for four rounds
+    ds = ck.IOIDataset(tiny_llama, n=8, seed=0)
+    abc = ds.corrupted("ABC")
+    circuit = ck.find_ioi_circuit(
+        tiny_llama, ds, reference=abc, relative_threshold=0.0, z_threshold=0.0,
+        max_per_class=2, min_attention=0.05, progress=False,
+    )  # fmt: skip
+    info = circuit.info
+    metric = ck.metrics.logit_diff(ds)
+    base = ck.run_interventions(tiny_llama, ds.tokens, [[]], metric, progress=False)[0]
+    attention, scores = info["attention"].values, info["head_scores"].values
+    step_of = {"end": ("direct", "queries"), "S2": ("s2",), "S1+1": ("s1+1",)}
+    assert circuit.name == "IOI" and {"direct", "queries", "s2", "s1+1"} <= set(info)
+    for role, heads in circuit.classes.items():
+        assert len(heads) <= 2, role
+    for node in circuit.nodes:
+        head, effect = node.head, node.effect
+        steps = [s for s in step_of[head.pos] if s in info]
+        expected = [float((info[s].examples[head.layer, head.head] - base).mean()) for s in steps]
+        assert any(effect == pytest.approx(e, abs=1e-5) for e in expected), node
+        to_io, to_s1, to_s2 = attention[head.layer, head.head].tolist()
+        previous, duplicate, induction = scores[head.layer, head.head].tolist()
+        if node.role in ("name mover", "negative name mover"):
+            assert to_io > to_s1 + to_s2 and (effect < 0) == (node.role == "name mover")
+        if node.role == "s-inhibition":
+            assert to_s2 >= 0.05 and effect < 0
+        if node.role in ("induction", "duplicate token"):
+            assert (induction > duplicate) == (node.role == "induction") and effect < 0
+        if node.role == "previous token":
+            assert previous >= 0.05 and effect < 0
+    # each round's receivers are the heads of the round before
+    carriers = [
+        f"Head({n.head.layer}, {n.head.head}).q.at('end')"
+        for n in circuit.nodes
+        if n.role in ("name mover", "other direct") and n.effect < 0
+    ]
+    assert info["queries"].info["receivers"] == carriers
+    inhibitors = [f"Head({h.layer}, {h.head}).v.at('S2')" for h in circuit.classes["s-inhibition"]]
+    assert info["s2"].info["receivers"] == inhibitors
+    # strict thresholds keep fewer heads
+    strict = ck.find_ioi_circuit(
+        tiny_llama, ds, reference=abc, relative_threshold=0.5, progress=False
+    )
+    assert len(strict) < len(circuit)
+    with pytest.raises(CircuitkitError, match="relative_threshold must lie in"):
+        ck.find_ioi_circuit(tiny_llama, ds, reference=abc, relative_threshold=2.0)
