@@ -14,8 +14,9 @@ the fast path against the plain per-sender reference on the heads of a few layer
     python benchmarks/ioi_circuit.py --n 100 --eval-n 100
     python benchmarks/ioi_circuit.py --model tiny-llama  # a quick run on a tiny model
 
-``--n`` prompts are used to find the circuit and ``--eval-n`` (default the same) to evaluate it
-(the first ``--n`` of them are the discovery prompts).
+``--n`` prompts are used to find the circuit and to measure its completeness and minimality;
+its faithfulness is measured on those and on ``--eval-n`` prompts (default 100; the first
+``--n`` of them are the discovery prompts).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=40, help="prompts to find the circuit (40)")
-    parser.add_argument("--eval-n", type=int, default=None, help="prompts to evaluate it")
+    parser.add_argument("--eval-n", type=int, default=100, help="prompts for faithfulness (100)")
     parser.add_argument("--n-random", type=int, default=4, help="random sets for completeness")
     parser.add_argument("--greedy", type=int, default=2, help="greedy steps for completeness")
     parser.add_argument("--device", default="cpu")
@@ -46,7 +47,7 @@ def main() -> None:
         model = ck.tiny_model(args.model.removeprefix("tiny-"), n_layers=4).to(args.device)
     else:
         model = ck.load_model(args.model, device=args.device)
-    eval_n = args.eval_n or args.n
+    eval_n = args.eval_n
     full = ck.IOIDataset(model, n=max(args.n, eval_n), seed=0)
     ds, evaluation = full[: args.n], full[:eval_n]
     abc, eval_abc = ds.corrupted("ABC"), evaluation.corrupted("ABC")
@@ -119,14 +120,20 @@ def main() -> None:
         )
         print(_table(headers, rows, align="<>>>>>>>>>><"))
 
-    kwargs = dict(reference=eval_abc, metric=ck.metrics.logit_diff(evaluation), progress=False)
-    start = time.perf_counter()
-    faithful = ck.faithfulness(model, circuit, evaluation, **kwargs)
-    low, high = faithful.ci(0.95)
-    print(
-        f"\nfaithfulness on n={evaluation.n}: {faithful}  95% interval "
-        f"{100 * low:.1f}%..{100 * high:.1f}%  ({time.perf_counter() - start:.1f} s)"
-    )
+    kwargs = dict(reference=abc, metric=metric, progress=False)
+    eval_kwargs = dict(reference=eval_abc, metric=ck.metrics.logit_diff(evaluation), progress=False)
+    print()
+    for name, prompts, given in (
+        ("discovery", ds, kwargs),
+        ("evaluation", evaluation, eval_kwargs),
+    ):
+        start = time.perf_counter()
+        faithful = ck.faithfulness(model, circuit, prompts, **given)
+        low, high = faithful.ci(0.95)
+        print(
+            f"faithfulness on the {name} prompts (n={prompts.n}): {faithful}  95% interval "
+            f"{100 * low:.1f}%..{100 * high:.1f}%  ({time.perf_counter() - start:.1f} s)"
+        )
     cumulative = []
     for upto in ("direct", "queries", "s2", "s1+1"):
         keep = {"direct": ("end",), "queries": ("end",), "s2": ("end", "S2"),
@@ -136,15 +143,15 @@ def main() -> None:
         else:
             nodes = [n for n in circuit.nodes if n.head.pos in keep]
         part = ck.Circuit(tuple(nodes))
-        f = ck.faithfulness(model, part, evaluation, **kwargs)
+        f = ck.faithfulness(model, part, evaluation, **eval_kwargs)
         cumulative.append([f"up to round '{upto}'", str(len(part)), f"{f.f_circuit:.3f}",
                            f"{100 * f.ratio:.1f}%"])  # fmt: skip
-    print("\nfaithfulness as the rounds are added:")
+    print(f"\nfaithfulness as the rounds are added (n={evaluation.n}):")
     print(_table(["circuit", "heads", "F(C)", "F(C)/F(M)"], cumulative, align="<>>>"))
 
     start = time.perf_counter()
     complete = ck.completeness(
-        model, circuit, evaluation, n_random=args.n_random, greedy=args.greedy, **kwargs
+        model, circuit, ds, n_random=args.n_random, greedy=args.greedy, **kwargs
     )
     rows = [
         [label, ", ".join(heads) or "-", f"{float(v[0]):.3f}", f"{float(v[1]):.3f}",
@@ -153,22 +160,22 @@ def main() -> None:
                                         complete.values, complete.info["incompleteness"],
                                         strict=True)
     ]  # fmt: skip
-    print(f"\ncompleteness ({time.perf_counter() - start:.1f} s): F(C\\K) and F(M\\K)")
+    print(f"\ncompleteness on n={ds.n} ({time.perf_counter() - start:.1f} s): F(C\\K), F(M\\K)")
     print(_table(["K", "heads", "F(C\\K)", "F(M\\K)", "|gap|"], rows, align="<<>>>"))
 
     if not len(circuit):
         print("\nno heads were found; nothing more to evaluate")
         return
     start = time.perf_counter()
-    minimal = ck.minimality(model, circuit, evaluation, **kwargs)
+    minimal = ck.minimality(model, circuit, ds, **kwargs)
     rows = [
         [label, ", ".join(k) or "-", f"{float(v):+.3f}", f"{100 * float(r):.1f}%"]
         for label, k, v, r in zip(minimal.labels["head"], minimal.info["k"], minimal.values,
                                   minimal.info["relative"], strict=True)
     ]  # fmt: skip
     print(
-        f"\nminimality ({time.perf_counter() - start:.1f} s): F(C\\(K+v)) - F(C\\K), and "
-        "|that| as a share of F(M)"
+        f"\nminimality on n={ds.n} ({time.perf_counter() - start:.1f} s): "
+        "F(C\\(K+v)) - F(C\\K), and |that| as a share of F(M)"
     )
     print(_table(["head v", "K", "difference", "of F(M)"], rows, align="<<>>"))
 
