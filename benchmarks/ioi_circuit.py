@@ -206,7 +206,7 @@ def main() -> None:
     )
 
 
-DIRECT = ("name mover", "negative name mover", "other direct")
+DIRECT = ("name mover", "negative name mover", "other direct", "other negative direct")
 
 
 if __name__ == "__main__":

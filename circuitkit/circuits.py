@@ -315,7 +315,8 @@ class Faithfulness:
         """A percentile bootstrap interval for ``ratio``: the examples are resampled (the same
         draw for both runs) and the ratio of the two means recomputed, ``n_boot`` times."""
         examples = self.result.examples
-        assert examples is not None
+        if examples is None or examples.shape[-1] < 2:
+            raise CircuitkitError("Faithfulness.ci: needs the per-example values of >= 2 examples")
         n = examples.shape[-1]
         generator = torch.Generator().manual_seed(seed)
         draws = torch.randint(0, n, (n_boot, n), generator=generator)
@@ -603,7 +604,7 @@ def find_ioi_circuit(
     reference: Any,
     metric: MetricLike | None = None,
     relative_threshold: float = 0.05,
-    z_threshold: float = 3.0,
+    z_threshold: float = 2.0,
     max_per_class: int = 6,
     min_attention: float = 0.1,
     memory_budget: int | None = None,
@@ -617,7 +618,8 @@ def find_ioi_circuit(
 
     1. heads -> logits. Heads that attend from "end" to IO more than to S1 and S2 together are
        **name movers** if noising them lowers the logit difference and **negative name
-       movers** if it raises it; other heads with a large direct effect are "other direct".
+       movers** if it raises it; other heads with a large direct effect are "other direct"
+       (noising lowers it) or "other negative direct" (noising raises it).
     2. heads -> the queries at "end" of the heads of round 1 that carry the answer (name movers
        and other direct heads whose noising lowers the logit difference): **s-inhibition**
        heads attend from "end" to S2; others are "other query".
@@ -629,8 +631,9 @@ def find_ioi_circuit(
     A head is chosen in a round when its effect (the mean over examples of the change of the
     metric, per example against the unpatched run) is at least ``relative_threshold`` times the
     round's largest |effect|, is significant (|effect| / standard error of the per-example
-    changes >= ``z_threshold``) and, in rounds 2 to 4, lowers the metric (the heads that make
-    the heads downstream work); at most ``max_per_class`` per class, the largest first. An
+    changes >= ``z_threshold``, 2 being about the 5% level) and, in rounds 2 to 4, lowers the
+    metric (the heads that make the heads downstream work); at most ``max_per_class`` per
+    class, the largest first. An
     attention signature needs a probability of at least ``min_attention``. Each head is put in
     the circuit at the position where it acts ("end", "end", "S2", "S1+1"); a head already in
     the circuit at that position is not added twice. MLPs are kept ("all").
@@ -689,7 +692,7 @@ def find_ioi_circuit(
         to_io, to_s1, to_s2 = attention[head.layer, head.head].tolist()
         if to_io >= min_attention and to_io > to_s1 + to_s2:
             return "name mover" if effect < 0 else "negative name mover"
-        return "other direct"
+        return "other direct" if effect < 0 else "other negative direct"
 
     def query_role(head: Head, effect: float) -> str:
         to_s2 = float(attention[head.layer, head.head, 2])
@@ -725,19 +728,15 @@ def find_ioi_circuit(
             count[role] = count.get(role, 0) + 1
             chosen.append(CircuitHead(placed, role, effect))
 
-    def heads_of(*roles: str, lowering: bool = False) -> list[Head]:
-        return [
-            Head(n.head.layer, n.head.head)
-            for n in chosen
-            if n.role in roles and (not lowering or (n.effect or 0) < 0)
-        ]
+    def heads_of(*roles: str) -> list[Head]:
+        return [Head(n.head.layer, n.head.head) for n in chosen if n.role in roles]
 
     chosen: list[CircuitHead] = []
     results: dict[str, Result] = {}
     # 1. heads -> logits; 2. -> the queries of the heads that carry the answer; 3. -> the values
     # at S2 of the s-inhibition heads; 4. -> the keys at S1+1 of the induction heads.
     choose("direct", "logits", 0, "end", direct_role)
-    carriers = heads_of("name mover", "other direct", lowering=True)
+    carriers = heads_of("name mover", "other direct")
     choose("queries", [h.q.at("end") for h in carriers], -1, "end", query_role)
     inhibitors = heads_of("s-inhibition")
     choose("s2", [h.v.at("S2") for h in inhibitors], -1, "S2", s2_role)

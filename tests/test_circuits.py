@@ -118,6 +118,8 @@ def test_faithfulness_equals_plain_mean_ablation(ioi, seed):
     # the ablation changes the metric, so the comparison can fail
     assert abs(f.f_circuit - f.f_model) > 1e-3
     assert f.result.axes == ("run",) and f.result.examples.shape == (2, ds.n)
+    low, high = f.ci(0.9, seed=1)
+    assert low <= f.ratio <= high and low < high and (low, high) == f.ci(0.9, seed=1)
     assert f.result.provenance["method"] == "faithfulness"
 
 
@@ -300,6 +302,8 @@ def test_find_ioi_circuit_follows_its_rules():
         previous, duplicate, induction = scores[head.layer, head.head].tolist()
         if node.role in ("name mover", "negative name mover"):
             assert to_io > to_s1 + to_s2 and (effect < 0) == (node.role == "name mover")
+        if node.role in ("other direct", "other negative direct"):
+            assert (effect < 0) == (node.role == "other direct")
         if node.role == "s-inhibition":
             assert to_s2 >= 0.05 and effect < 0
         if node.role in ("induction", "duplicate token"):
@@ -310,7 +314,7 @@ def test_find_ioi_circuit_follows_its_rules():
     carriers = [
         f"Head({n.head.layer}, {n.head.head}).q.at('end')"
         for n in circuit.nodes
-        if n.role in ("name mover", "other direct") and n.effect < 0
+        if n.role in ("name mover", "other direct")
     ]
     assert info["queries"].info["receivers"] == carriers
     inhibitors = [f"Head({h.layer}, {h.head}).v.at('S2')" for h in circuit.classes["s-inhibition"]]
