@@ -105,7 +105,7 @@ def test_faithfulness_equals_plain_mean_ablation(ioi, seed):
     )
     f = ck.faithfulness(model, circuit, ds, reference=abc, metric=metric, progress=False)
     expected = reference_metric(model, circuit, ds, abc, metric)
-    plain = float(metric(model(ds.tokens)).mean())
+    plain = float(metric(model(ds.tokens)).mean().detach())
     assert f.f_circuit == pytest.approx(expected, abs=1e-4)
     assert f.f_model == pytest.approx(plain, abs=1e-4)
     assert f.ratio == pytest.approx(expected / plain, rel=1e-4)
@@ -273,7 +273,7 @@ def test_faithfulness_on_smollm(smollm):
     f = ck.faithfulness(smollm, circuit, ds, reference=abc, metric=metric, progress=False)
     expected = reference_metric(smollm, circuit, ds, abc, metric)
     assert f.f_circuit == pytest.approx(expected, abs=1e-3)
-    assert f.f_model == pytest.approx(float(metric(smollm(ds.tokens)).mean()), abs=1e-3)
+    assert f.f_model == pytest.approx(float(metric(smollm(ds.tokens)).mean().detach()), abs=1e-3)
     assert abs(f.f_circuit - f.f_model) > 1e-2
 
 
