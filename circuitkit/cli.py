@@ -43,10 +43,10 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.results import Result
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_N, QUICK_N = 100, 20
+DEFAULT_N, QUICK_N = 100, 16
 # Path patching from every head costs many forward passes per prompt, so the circuit is found
 # on a subset of the prompts; its faithfulness is measured on all of them.
-DISCOVER_N, QUICK_DISCOVER_N = 24, 12
+DISCOVER_N, QUICK_DISCOVER_N = 24, 8
 
 
 def main(argv: Sequence[str] | None = None) -> int:

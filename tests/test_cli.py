@@ -40,7 +40,7 @@ def test_quick_takes_fewer_prompts(monkeypatch, capsys):
 
 @pytest.mark.real
 def test_ioi_on_smollm(capsys):
-    assert cli.main(["ioi", "--n", "4", "--discover-n", "2", "--top", "3"]) == 0
+    assert cli.main(["ioi", "--n", "3", "--discover-n", "2", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "IOI circuit (ck.find_ioi_circuit): found on the first 2 of the 4 prompts" in out
+    assert "IOI circuit (ck.find_ioi_circuit): found on the first 2 of the 3 prompts" in out
     assert "faithfulness F(C)/F(M) = " in out
