@@ -318,7 +318,7 @@ def _section_logit_lens(lens: Result) -> str:
 def _section_circuit(
     circuit: Circuit, faithful: Faithfulness, discover_n: int, seconds: tuple[float, float]
 ) -> str:
-    n = faithful.result.n_examples
+    n = faithful.result.n_examples or 0
     subset = f"the first {discover_n} of the {n} prompts" if discover_n < n else f"{n} prompts"
     rows = []
     for role, heads in circuit.classes.items():

@@ -559,7 +559,7 @@ def _run_fast(
         for chunk in _chunks(starts, chunk_size):
             c = len(chunk)
             layer, firsts = starts[chunk[0]]
-            items = [compiled[r] for r in chunk]
+            chunk_items = [compiled[r] for r in chunk]
             # What the metric reads, [c, n, ...]: the base run's, overwritten where a run
             # changes it. A Metric reads one position per example; a callable all of them.
             if read is None:
@@ -567,7 +567,7 @@ def _run_fast(
             else:
                 out = _tile(final[torch.arange(n, device=final.device), read], c).view(c, n, -1)
             for pos, stop, rows in _example_groups(firsts, read, n_pos, base.reuses_prefix):
-                hooks = _chunk_hooks(items, c, n, rows, pos, stop, n_pos)
+                hooks = _chunk_hooks(chunk_items, c, n, rows, pos, stop, n_pos)
                 with _hooks_added(model, hooks.items()):
                     residual = _run_blocks(
                         model, tokens, c, layer, pos, stop, model.cfg.n_layers, base, rows
@@ -667,11 +667,11 @@ def _record_fast(
             c = len(chunk)
             layer, firsts = starts[chunk[0]]
             runs = torch.tensor(chunk, device=tokens.device)
-            items = [compiled[r] for r in chunk]
+            chunk_items = [compiled[r] for r in chunk]
             for pos, stop_pos, rows in _example_groups(firsts, last, n_pos, base.reuses_prefix):
                 store = _storer(recorded, record, base.recorded, runs, rows, pos, last)
                 hooks = [
-                    *_chunk_hooks(items, c, n, rows, pos, stop_pos, n_pos).items(),
+                    *_chunk_hooks(chunk_items, c, n, rows, pos, stop_pos, n_pos).items(),
                     # after the interventions, so they see the activations the interventions made
                     *[
                         (name, lambda act, name=name, store=store: store(act, name))
@@ -702,14 +702,14 @@ def _storer(
         at = pos if layer >= 0 else 0  # the embeddings are computed at every position
         view = act.view(len(runs), len(rows), *act.shape[1:])
         stop = at + view.shape[1 + pos_dim]
-        keys = slice(None) if key_dim is None else slice(0, view.shape[1 + key_dim])
-        where = [slice(None)] * (view.ndim - 2)
+        where: list[slice] = [slice(None)] * (view.ndim - 2)
         where[pos_dim - 1] = slice(at, stop)
-        if key_dim is not None:
-            where[key_dim - 1] = keys
-        base_act = base_recorded[name][(rows, *where)]
-        view = _base_after(view, base_act, last[rows], pos_dim, at)
-        recorded[name][(runs[:, None], rows[None, :], *where)] = view
+        if key_dim is not None:  # keys run up to the last computed query position
+            where[key_dim - 1] = slice(0, view.shape[1 + key_dim])
+        base_index: tuple[Tensor | slice, ...] = (rows, *where)
+        index: tuple[Tensor | slice, ...] = (runs[:, None], rows[None, :], *where)
+        view = _base_after(view, base_recorded[name][base_index], last[rows], pos_dim, at)
+        recorded[name][index] = view
 
     return store
 
