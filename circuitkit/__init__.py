@@ -11,6 +11,7 @@ Example::
 
 from circuitkit import distributed, metrics, provenance
 from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
+from circuitkit.attention import attention_head_scores, attention_scores
 from circuitkit.attribution import direct_logit_attribution, logit_lens
 from circuitkit.attribution_patching import attribution_patching, edge_attribution_patching
 from circuitkit.causal_tracing import (
@@ -22,6 +23,15 @@ from circuitkit.causal_tracing import (
     causal_trace,
     intervene_on_neuron,
     trace_token_probability,
+)
+from circuitkit.circuits import (
+    Circuit,
+    CircuitHead,
+    Faithfulness,
+    completeness,
+    faithfulness,
+    find_ioi_circuit,
+    minimality,
 )
 from circuitkit.components import MLP, Attn, Component, Embed, Head, Neuron, PosEmbed, Resid
 from circuitkit.data.ioi import IOIDataset
@@ -61,6 +71,8 @@ __all__ = [
     "Attn",
     "CausalEffects",
     "CausalTrace",
+    "Circuit",
+    "CircuitHead",
     "CircuitkitError",
     "Comparison",
     "Component",
@@ -69,6 +81,8 @@ __all__ = [
     "EdgeScores",
     "Embed",
     "Graph",
+    "Embed",
+    "Faithfulness",
     "Head",
     "IOIDataset",
     "Intervention",
@@ -94,6 +108,12 @@ __all__ = [
     "direct_logit_attribution",
     "distributed",
     "edge_attribution_patching",
+    "attention_head_scores",
+    "attention_scores",
+    "completeness",
+    "direct_logit_attribution",
+    "faithfulness",
+    "find_ioi_circuit",
     "average_indirect_effect",
     "causal_effects",
     "causal_trace",
@@ -104,6 +124,7 @@ __all__ = [
     "logit_lens",
     "metrics",
     "patch_edges",
+    "minimality",
     "path_patching",
     "plot",
     "plot_causal_trace",

@@ -4,7 +4,10 @@
 the task, on clean prompts and on the ABC corruption, overall and per template: the baseline
 every IOI circuit analysis starts from. It then prints the heads with the largest direct effect
 on the logit difference (direct logit attribution) and the logit lens by layer, both from the
-clean run's cache. Each section of the output is one ``_section_*``
+clean run's cache, and last the IOI circuit that ``ck.find_ioi_circuit`` finds (path patching
+back from the logits, on the first ``--discover-n`` prompts) with its faithfulness on all of
+them (``--no-circuit`` leaves it out; ``--quick`` takes fewer prompts for a first look).
+Each section of the output is one ``_section_*``
 function that takes the runs it needs and returns its text, so new sections and subcommands
 are added beside the existing ones.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,18 +31,29 @@ from transformer_lens import ActivationCache
 
 from circuitkit import metrics
 from circuitkit.attribution import direct_logit_attribution, logit_lens, required_hooks
+from circuitkit.circuits import (
+    Circuit,
+    CircuitHead,
+    Faithfulness,
+    faithfulness,
+    find_ioi_circuit,
+)
 from circuitkit.data.ioi import IOIDataset
 from circuitkit.errors import CircuitkitError
 from circuitkit.results import Result
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_N, QUICK_N = 100, 16
+# Path patching from every head costs many forward passes per prompt, so the circuit is found
+# on a subset of the prompts; its faithfulness is measured on all of them.
+DISCOVER_N, QUICK_DISCOVER_N = 24, 8
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``circuitkit`` command line; return the exit status.
 
     Example:
-        >>> main(["ioi", "--n", "20"])          # prints the IOI baseline of smollm2-135m
+        >>> main(["ioi", "--n", "20"])          # the IOI baseline and circuit of smollm2-135m
         0
     """
     parser = _parser()
@@ -62,16 +77,37 @@ def _parser() -> argparse.ArgumentParser:
         help="print a model's baseline on the Indirect Object Identification task",
         description="Run the model on IOI prompts and on their ABC corruption and print the "
         "logit difference, accuracy and probability of the right name, overall and per "
-        "template; then the heads with the largest direct effect on the logit difference and "
-        "the logit lens by layer.",
+        "template; then the heads with the largest direct effect on the logit difference, "
+        "the logit lens by layer, and the IOI circuit found by path patching with its "
+        "faithfulness.",
     )
     ioi.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
-    ioi.add_argument("--n", type=_positive_int, default=100, help="number of prompts (100)")
+    ioi.add_argument(
+        "--n", type=_positive_int, default=None, help="number of prompts (100; 20 with --quick)"
+    )
     ioi.add_argument("--seed", type=int, default=0, help="dataset seed (0)")
     ioi.add_argument("--device", default=None, help="torch device (the model's default)")
     ioi.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per forward")
     ioi.add_argument(
         "--top", type=_positive_int, default=10, help="heads listed by direct effect (10)"
+    )
+    ioi.add_argument(
+        "--circuit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="find the IOI circuit and print its faithfulness (default; --no-circuit skips it)",
+    )
+    ioi.add_argument(
+        "--discover-n",
+        type=_positive_int,
+        default=None,
+        help=f"prompts the circuit is found on, the first of the n ({DISCOVER_N}; "
+        f"{QUICK_DISCOVER_N} with --quick); faithfulness is measured on all n",
+    )
+    ioi.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}",
     )
     ioi.set_defaults(run=_run_ioi)
 
@@ -126,10 +162,11 @@ class _Scores:
 def _run_ioi(args: argparse.Namespace) -> int:
     from circuitkit.models import load_model
 
+    n = args.n or (QUICK_N if args.quick else DEFAULT_N)
     _progress(f"loading {args.model} ...")
     model = load_model(args.model, device=args.device)
-    _progress(f"building {args.n} IOI prompts (seed {args.seed}) ...")
-    ds = IOIDataset(model, n=args.n, seed=args.seed)
+    _progress(f"building {n} IOI prompts (seed {args.seed}) ...")
+    ds = IOIDataset(model, n=n, seed=args.seed)
     abc = ds.corrupted("ABC")
     _progress(f"running {args.model} on the clean and ABC prompts ...")
     read = ds.positions["end"]
@@ -148,6 +185,21 @@ def _run_ioi(args: argparse.Namespace) -> int:
     print(_section_direct_heads(heads, args.top))
     print()
     print(_section_logit_lens(lens))
+    if args.circuit:
+        discover_n = args.discover_n or (QUICK_DISCOVER_N if args.quick else DISCOVER_N)
+        discover_n = min(discover_n, ds.n)
+        _progress(f"finding the IOI circuit on {discover_n} prompts (path patching) ...")
+        started = time.perf_counter()
+        circuit = find_ioi_circuit(
+            model, ds[:discover_n], reference=abc[:discover_n], progress=True
+        )
+        found_in = time.perf_counter() - started
+        _progress(f"measuring its faithfulness on {ds.n} prompts ...")
+        started = time.perf_counter()
+        faithful = faithfulness(model, circuit, ds, reference=abc, progress=True)
+        measured_in = time.perf_counter() - started
+        print()
+        print(_section_circuit(circuit, faithful, discover_n, (found_in, measured_in)))
     return 0
 
 
@@ -319,6 +371,44 @@ def _section_logit_lens(lens: Result) -> str:
             "Logit lens: the logit difference read off the residual stream after each layer",
             "  (the final norm applied with each stream's own statistics, then the unembedding)",
             _table(["after", "logit diff"], rows, align=">>"),
+        ]
+    )
+
+
+def _section_circuit(
+    circuit: Circuit, faithful: Faithfulness, discover_n: int, seconds: tuple[float, float]
+) -> str:
+    n = faithful.result.n_examples or 0
+    subset = f"the first {discover_n} of the {n} prompts" if discover_n < n else f"{n} prompts"
+    rows = []
+    for role, heads in circuit.classes.items():
+        effects = {n.head: n.effect for n in circuit.nodes}
+        rows.append(
+            [
+                role,
+                ", ".join(
+                    CircuitHead(h).label + ("" if effects[h] is None else f" ({effects[h]:+.2f})")
+                    for h in sorted(heads, key=lambda h: (h.layer, h.head))
+                ),
+            ]
+        )
+    low, high = faithful.ci(0.95)
+    paper = "the IOI paper's GPT-2 small circuit: 26 heads, logit diff about 3.1 of 3.56, about 87%"
+    return "\n".join(
+        [
+            f"IOI circuit (ck.find_ioi_circuit): found on {subset} in {seconds[0]:.0f} s, "
+            f"evaluated on all {n} in {seconds[1]:.0f} s",
+            "  path patching (ABC senders) from every head to the logits, then to the queries "
+            "at end of the heads that carry the answer,",
+            "  to the values at S2 of the s-inhibition heads and to the keys at S1+1 of the "
+            "induction heads; classes by attention pattern",
+            _table(["class", "heads at their position (path-patching effect)"], rows, align="<<"),
+            f"{len(circuit)} heads; faithfulness F(C)/F(M) = {faithful.f_circuit:.3f} / "
+            f"{faithful.f_model:.3f} = {100 * faithful.ratio:.1f}% "
+            f"(95% interval {100 * low:.0f}%..{100 * high:.0f}%)",
+            "  F(C): every head outside the circuit, and every circuit head at its other "
+            "positions, mean-ablated (ABC, per template); MLPs kept",
+            f"  for comparison, {paper}",
         ]
     )
 

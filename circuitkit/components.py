@@ -16,7 +16,9 @@ components; this module is the only place that knows TransformerLens hook names.
 
 Positions: every component takes ``pos``: ``None`` or ``"all"`` (every position), an int, a
 slice, a tuple of ints, or a word of a dataset such as ``"S2"`` or ``"end"``, which is resolved
-per example from the dataset's ``positions``. For ``pattern`` the position is the query position.
+per example from the dataset's ``positions``: an [n] tensor of one position per example, or an
+[n, pos] bool tensor that selects any positions per example. For ``pattern`` the position is
+the query position.
 ``Head(9, 9).at("end")`` returns the same head restricted to a position.
 
 Grouped-query attention: in a model whose query heads share key/value heads (SmolLM2 shares
@@ -70,6 +72,11 @@ class Component:
     def pos_dim(self) -> int:
         """The dimension of the activation that indexes (query) positions."""
         return 1
+
+    @property
+    def key_pos_dim(self) -> int | None:
+        """The dimension that indexes key positions (an attention pattern's), else None."""
+        return None
 
     def unit(self, model: HookedTransformer) -> tuple[int, int] | None:
         """``(dim, index)`` of the selected head or neuron in the activation, or None."""
@@ -295,6 +302,10 @@ class Head(Component):
         return 2 if self.part == "pattern" else 1
 
     @property
+    def key_pos_dim(self) -> int | None:
+        return 3 if self.part == "pattern" else None
+
+    @property
     def has_unit(self) -> bool:
         return True
 
@@ -370,7 +381,8 @@ def position_mask(
 ) -> Tensor:
     """A bool [n, n_pos] mask of the positions ``component`` selects in each example.
 
-    Words such as "end" are looked up in ``positions`` (a dataset's dict of [n] tensors).
+    Words such as "end" are looked up in ``positions``: a dict of [n] index tensors (a
+    dataset's) or of [n, n_pos] bool masks.
     """
     pos = component.pos  # type: ignore[attr-defined]
     mask = torch.zeros(n, n_pos, dtype=torch.bool, device=device)
@@ -384,7 +396,15 @@ def position_mask(
                 f"{component!r}: unknown position word {pos!r}; "
                 + (f"the dataset has {known}" if known else "pass a dataset to resolve words")
             )
-        idx = positions[pos].to(device=device, dtype=torch.long)
+        given = positions[pos]
+        if given.dtype == torch.bool:
+            if given.shape != (n, n_pos):
+                raise ComponentError(
+                    f"{component!r}: positions[{pos!r}] is a mask of shape "
+                    f"{tuple(given.shape)}, expected ({n}, {n_pos})"
+                )
+            return given.to(device).clone()
+        idx = given.to(device=device, dtype=torch.long)
         if idx.shape != (n,):
             raise ComponentError(
                 f"{component!r}: positions[{pos!r}] has shape {tuple(idx.shape)}, expected ({n},)"

@@ -218,6 +218,7 @@ def record_activations(
     reference: bool = False,
     memory_budget: int | None = None,
     max_runs_per_chunk: int | None = None,
+    last_positions: Int[Tensor, "n"] | None = None,
     progress: bool = True,
     desc: str = "recording",
 ) -> list[Float[Tensor, "n_runs n ..."]]:
@@ -227,9 +228,14 @@ def record_activations(
     metric each run keeps, for every component of ``record``, the whole activation at that
     component's hook (its head, neuron and position selection play no part: the full ``[n,
     ...]`` activation, the shape a ``Patch`` takes), as it is after the run's interventions.
-    The fast path starts each chunk at its first intervention or first recorded layer and
-    stops after the last recorded layer. ``reference=True`` runs one plain ``run_with_hooks``
-    forward per run.
+    The fast path starts each chunk at its first intervention or first recorded layer, and at
+    the first position its interventions touch (earlier positions keep the base run's
+    activations), and stops after the last recorded layer. ``reference=True`` runs one plain
+    ``run_with_hooks`` forward per run.
+
+    ``last_positions`` ([n], optional) says that only positions up to ``last_positions[i]`` of
+    example ``i`` will be read: later positions then hold the base run's activations instead of
+    the run's (in a causal model they cannot change the earlier ones).
 
     Returns one tensor per component of ``record``, shape ``[len(runs), n, ...]``, on the
     model's device; components at the same hook share one tensor.
@@ -251,7 +257,8 @@ def record_activations(
         )
     for component in record:
         component.validate(model)
-    layers = {c.hook_name(model): c.layer for c in record}
+    layers = {c.hook_name(model): (c.layer, c.pos_dim) for c in record}
+    last = _check_last_positions(last_positions, tokens, where)
 
     with torch.no_grad():
         shapes = _activation_shapes(model, tokens, record)
@@ -264,6 +271,7 @@ def record_activations(
             compiled = _compile(model, tokens, runs_list, positions)
             if reference:
                 acts = _record_reference(model, tokens, compiled, layers, progress, desc)
+                acts = _base_after_last(model, tokens, acts, layers, last)
             else:
                 acts = _record_fast(
                     model,
@@ -276,7 +284,49 @@ def record_activations(
                     progress,
                     desc,
                 )
+                acts = _base_after_last(model, tokens, acts, layers, last)
     return [acts[c.hook_name(model)] for c in record]
+
+
+def _check_last_positions(last: Tensor | None, tokens: Tensor, where: str) -> Tensor | None:
+    """[n] the last position to record in each example, on the tokens' device, or None."""
+    if last is None:
+        return None
+    n, n_pos = tokens.shape
+    if not isinstance(last, Tensor) or last.shape != (n,) or last.is_floating_point():
+        shape = tuple(last.shape) if isinstance(last, Tensor) else type(last).__name__
+        raise ShapeError(
+            f"{where}: last_positions must be an integer [n] tensor with n = {n}, got {shape}"
+        )
+    if int(last.min()) < 0 or int(last.max()) >= n_pos:
+        raise ShapeError(
+            f"{where}: last_positions must lie in 0..{n_pos - 1}, got values from "
+            f"{int(last.min())} to {int(last.max())}"
+        )
+    return last.to(tokens.device).long()
+
+
+def _base_after_last(
+    model: HookedTransformer,
+    tokens: Tensor,
+    acts: dict[str, Tensor],
+    record: Mapping[str, tuple[int, int]],
+    last: Tensor | None,
+) -> dict[str, Tensor]:
+    """``acts`` with the base run's activations at every position after ``last[i]``."""
+    if last is None:
+        return acts
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in record)
+    out = {}
+    for name, act in acts.items():
+        pos_dim = record[name][1]
+        n_pos = act.shape[1 + pos_dim]
+        index = torch.arange(n_pos, device=act.device)
+        after = index[None, :] > last[:, None]  # [n, n_pos]
+        trailing = [1] * (act.ndim - 2 - pos_dim)
+        after = after.view(after.shape[0], *[1] * (pos_dim - 1), n_pos, *trailing)
+        out[name] = torch.where(after, cache[name].to(act.dtype), act)
+    return out
 
 
 def _check_runs(
@@ -540,7 +590,7 @@ def _record_reference(
     model: HookedTransformer,
     tokens: Tensor,
     compiled: list[list[_Compiled]],
-    record: Mapping[str, int],
+    record: Mapping[str, tuple[int, int]],
     progress: bool,
     desc: str,
 ) -> dict[str, Tensor]:
@@ -693,7 +743,7 @@ def _record_fast(
     model: HookedTransformer,
     tokens: Tensor,
     compiled: list[list[_Compiled]],
-    record: Mapping[str, int],
+    record: Mapping[str, tuple[int, int]],
     shapes: Mapping[str, torch.Size],
     memory_budget: int | None,
     max_runs_per_chunk: int | None,
@@ -701,11 +751,20 @@ def _record_fast(
     desc: str,
 ) -> dict[str, Tensor]:
     n, n_pos = tokens.shape
-    # A chunk must reach the first recorded layer and need not go past the last one. Recorded
-    # activations span every position, so every position is computed.
-    first, stop = min(record.values()), max(record.values()) + 1
-    starts = [(min([item.layer for item in items] + [first]), 0) for items in compiled]
+    # A chunk must reach the first recorded layer and need not go past the last one. It
+    # starts at the first position its runs touch (the earlier ones are the base run's).
+    layers = [layer for layer, _ in record.values()]
+    first, stop = min(layers), max(layers) + 1
     base = _base_run(model, tokens)
+
+    def start(items: list[_Compiled]) -> tuple[int, int]:
+        layer = min([item.layer for item in items] + [first])
+        pos = min((item.first_pos for item in items), default=n_pos)
+        if not base.reuses_prefix or layer < 0 or pos >= n_pos:
+            return layer, 0
+        return layer, pos
+
+    starts = [start(items) for items in compiled]
     itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
     recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
     per_run = _bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
@@ -714,6 +773,10 @@ def _record_fast(
     chunks = list(_chunks(starts, lambda start: size))
     order = _index_tensor([r for chunk in chunks for r in chunk], tokens.device)
     recorded: dict[str, Tensor] = {}
+    if any(pos > 0 for _, pos in starts):  # earlier positions hold the base run's activations
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in record)
+        for name in record:
+            recorded[name] = _tile(cache[name], len(compiled)).view(len(compiled), *shapes[name])
     done = 0
     with (
         tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar,
@@ -723,19 +786,25 @@ def _record_fast(
             c = len(chunk)
             rows = order[done : done + c]
             done += c
+            layer, pos = starts[chunk[0]]
 
             def store(act: Tensor, name: str, rows: Tensor = rows, c: int = c) -> None:
                 if name not in recorded:
                     recorded[name] = act.new_empty(len(compiled), n, *act.shape[1:])
-                recorded[name][rows] = act.view(c, n, *act.shape[1:])
+                view = act.view(c, n, *act.shape[1:])
+                pos_dim = record[name][1]
+                at = n_pos - view.shape[1 + pos_dim]  # the positions computed: ``pos`` on
+                where = [slice(None)] * (view.ndim - 2)
+                where[pos_dim - 1] = slice(at, n_pos)
+                recorded[name][(rows, slice(None), *where)] = view
 
             hooks = [
-                *_chunk_hooks([compiled[r] for r in chunk], c, n, 0).items(),
+                *_chunk_hooks([compiled[r] for r in chunk], c, n, pos).items(),
                 # added after the interventions, so they see the activations the interventions made
                 *[(name, lambda act, name=name: store(act, name)) for name in record],
             ]
             with _hooks_added(model, hooks):
-                _run_blocks(model, tokens, c, starts[chunk[0]][0], 0, stop, base)
+                _run_blocks(model, tokens, c, layer, pos, stop, base)
             bar.update(c)
     return recorded
 

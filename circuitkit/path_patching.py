@@ -31,7 +31,10 @@ Every experiment goes through the batched intervention engine. Holding every hea
 sender at its base value is the same as holding each of those layers' attention output
 (``hook_attn_out``, what the heads add to the residual stream), so step 1 patches one
 activation per layer; all senders of a sweep run in a few batched passes that start at the
-sender's layer and stop at the receivers' layer.
+sender's layer and stop at the receivers' layer. With every head held, nothing moves from one
+position to another in step 1, so a sender's change reaches a receiver only at the positions
+the receiver reads (for the logits, the positions the metric reads): step 1 patches and holds
+only those positions, and the engine computes each example from the first of them on.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from circuitkit.components import (
     Head,
     Resid,
     all_components,
+    position_mask,
     selection_mask,
 )
 from circuitkit.engine import (
@@ -355,6 +359,10 @@ def _path_patching_fast(
         + receivers,
     )
     source_cache = _cache(model, source, [c for g in groups for c in g])
+    # With every head held, nothing moves between positions: a sender's change at a position
+    # reaches the receivers only if they read that position. So step 1 patches and holds only
+    # the receivers' positions, and the engine computes each example from the first of them.
+    positions = _with_receiver_positions(model, base, receivers, metric, positions)
     step1 = [
         _step1_run(model, group, base_cache, source_cache, reach, positions) for group in groups
     ]
@@ -377,6 +385,9 @@ def _path_patching_fast(
     # Step 1 keeps every experiment's receiver activations until step 2 has used them; bound
     # that memory by taking the experiments in chunks (half the budget each for the
     # recordings and for the engine's forward passes).
+    received = positions[_RECEIVED]
+    index = torch.arange(received.shape[1], device=received.device)
+    last_received = torch.where(received, index, 0).max(dim=1).values
     recorded_bytes = sum(
         base_cache[name].numel() * base_cache[name].element_size()
         for name in {r.hook_name(model) for r in receivers}
@@ -392,6 +403,7 @@ def _path_patching_fast(
                 receivers,
                 positions=positions,
                 memory_budget=budget // 2,
+                last_positions=last_received,
                 progress=False,
             )
             step2 = []
@@ -415,6 +427,40 @@ def _path_patching_fast(
             )
             bar.update(len(chunk))
     return examples
+
+
+# Position words that step 1 adds to the dataset's: the positions the receivers read, and each
+# sender's positions among them ([n, pos] bool masks).
+_RECEIVED = "<received>"
+
+
+def _with_receiver_positions(
+    model: HookedTransformer,
+    base: Tensor,
+    receivers: list[Component],
+    metric: MetricLike,
+    positions: Any,
+) -> dict[str, Tensor]:
+    """The dataset's position words plus ``_RECEIVED``: the positions the receivers read in each
+    example (for the logits, the metric's read positions when it is a ``Metric``)."""
+    n, n_pos = base.shape
+    received = torch.zeros(n, n_pos, dtype=torch.bool, device=base.device)
+    for receiver in receivers:
+        if receiver == Resid(model.cfg.n_layers - 1, "post") and isinstance(metric, Metric):
+            received[torch.arange(n), metric.positions.to(base.device)] = True
+        else:
+            received |= position_mask(receiver, n, n_pos, positions, base.device)
+    return {**(positions or {}), _RECEIVED: received}
+
+
+def _at_received(component: Component, positions: dict[str, Tensor]) -> Component:
+    """``component`` restricted to its own positions among the received ones."""
+    word = f"{_RECEIVED} {component.pos!r}"  # type: ignore[attr-defined]
+    if word not in positions:
+        n, n_pos = positions[_RECEIVED].shape
+        own = position_mask(component, n, n_pos, positions, positions[_RECEIVED].device)
+        positions[word] = own & positions[_RECEIVED]
+    return component.at(word)
 
 
 def _cache(model: HookedTransformer, tokens: Tensor, components: list[Component]) -> Any:
@@ -447,13 +493,15 @@ def _step1_run(
     first = min(c.layer for c in group)
     later = _later_heads(group)
     run = [
-        Intervention(c, Patch(source_cache[c.hook_name(model)])) for c in group if c not in later
+        Intervention(_at_received(c, positions), Patch(source_cache[c.hook_name(model)]))
+        for c in group
+        if c not in later
     ]
     # Heads in the first sender's layer read an unchanged residual stream: nothing to hold.
     for layer in range(first + 1, min(reach, model.cfg.n_layers)):
         in_layer = [c for c in later if c.layer == layer]
         if not in_layer:
-            attn = Attn(layer)
+            attn = Attn(layer, pos=_RECEIVED)
             run.append(Intervention(attn, Patch(base_cache[attn.hook_name(model)])))
             continue
         # A sender head in this layer: every head's output is its base value except the
@@ -463,7 +511,10 @@ def _step1_run(
         for comp in in_layer:
             mask = selection_mask(comp, model, held.shape, positions, held.device)
             held = torch.where(mask, source_cache[z_name], held)
-        run += [Intervention(Head(layer, h), Patch(held)) for h in range(model.cfg.n_heads)]
+        run += [
+            Intervention(Head(layer, h, pos=_RECEIVED), Patch(held))
+            for h in range(model.cfg.n_heads)
+        ]
     return run
 
 

@@ -435,3 +435,38 @@ def test_tf32_is_scoped_and_keeps_results_close(tiny_gpt2):
         with ck.tf32():
             raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recording_up_to_last_positions(tiny_model, seed):
+    base, cache, metric, positions, g = random_case(tiny_model, seed, n=5, n_pos=8)
+    runs = random_runs(tiny_model, cache, g, base.shape[1])
+    last = torch.randint(0, base.shape[1], (base.shape[0],), generator=g)
+    last[0] = base.shape[1] - 1  # one example recorded whole
+    kwargs = dict(positions=positions, progress=False)
+    recorded = [Head(1, 2).q, Head(2, 1).pattern, Resid(1, "post"), Embed()]
+    full = record_activations(tiny_model, base, runs, recorded, **kwargs)
+    fast = record_activations(
+        tiny_model, base, runs, recorded, last_positions=last, max_runs_per_chunk=7, **kwargs
+    )
+    slow = record_activations(
+        tiny_model, base, runs, recorded, last_positions=last, reference=True, **kwargs
+    )
+    _, base_cache = tiny_model.run_with_cache(base)
+    for component, whole, got, expected in zip(recorded, full, fast, slow, strict=True):
+        assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        base_act = base_cache[component.hook_name(tiny_model)]
+        for i, stop in enumerate((last + 1).tolist()):
+            up_to = [slice(None)] * (component.pos_dim - 1) + [slice(None, stop)]
+            after = [slice(None)] * (component.pos_dim - 1) + [slice(stop, None)]
+            assert_close(
+                got[(slice(None), i, *up_to)], whole[(slice(None), i, *up_to)], atol=1e-4, rtol=1e-4
+            )
+            assert_close(
+                got[(slice(None), i, *after)],
+                base_act[(i, *after)].expand_as(got[(slice(None), i, *after)]),
+            )
+        # the runs change the positions that are recorded, so the comparison can fail
+        assert (whole[:-1] - whole[-1]).abs().max() > 1e-3
+    with pytest.raises(ShapeError, match="last_positions must lie in 0..7"):
+        record_activations(tiny_model, base, runs, recorded, last_positions=last + 8, **kwargs)
