@@ -630,7 +630,9 @@ def find_ioi_circuit(
     Returns a ``Circuit`` named "IOI" whose heads carry their class and effect; its ``info``
     holds the four path-patching results ("direct", "queries", "s2", "s1+1"), the attention
     scores ("attention": end -> IO, S1, S2; "head_scores"), the unpatched metric ("base", and per
-    example "base_examples"), the thresholds and the seconds each round took.
+    example "base_examples"), the thresholds and the seconds each round took. Its ``edges`` are
+    the paths the rounds found: from each chosen head to the receivers of its round (the logits,
+    or the queries, values or keys of the heads chosen the round before), for ``ck.plot_circuit``.
 
     Example::
 
@@ -705,9 +707,20 @@ def find_ioi_circuit(
         changes = cast(Tensor, result.examples) - base.to(result.values)
         count: dict[str, int] = {}
         for head, effect in _significant(changes, sign, relative_threshold, z_threshold):
+            # the receivers the head can reach: the logits, or heads of later layers (a head
+            # of a receiver's own layer or later has no path to it, whatever rounding says)
+            reached = (
+                [receivers]
+                if isinstance(receivers, str)
+                else [r.at(None) for r in receivers if r.layer > head.layer]
+            )
             role = role_of(head, effect)
             placed = Head(head.layer, head.head, pos=position)
-            if count.get(role, 0) >= max_per_class or any(n.head == placed for n in chosen):
+            if not reached or count.get(role, 0) >= max_per_class:
+                continue
+            # the paths the round found, from the head to each receiver it was patched into
+            edges.extend(Edge(Head(head.layer, head.head), receiver) for receiver in reached)
+            if any(n.head == placed for n in chosen):
                 continue
             count[role] = count.get(role, 0) + 1
             chosen.append(CircuitHead(placed, role, effect))
@@ -716,6 +729,7 @@ def find_ioi_circuit(
         return [Head(n.head.layer, n.head.head) for n in chosen if n.role in roles]
 
     chosen: list[CircuitHead] = []
+    edges: list[Edge] = []
     results: dict[str, Result] = {}
     # 1. heads -> logits; 2. -> the queries of the heads that carry the answer; 3. -> the values
     # at S2 of the s-inhibition heads; 4. -> the keys at S1+1 of the induction heads.
@@ -729,6 +743,7 @@ def find_ioi_circuit(
 
     return Circuit(
         tuple(chosen),
+        edges=tuple(dict.fromkeys(edges)),
         name="IOI",
         info={
             **results,

@@ -19,27 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import torch
-from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache
 
-from circuitkit import metrics
-from circuitkit.attribution import direct_logit_attribution, logit_lens, required_hooks
-from circuitkit.circuits import (
-    Circuit,
-    CircuitHead,
-    Faithfulness,
-    faithfulness,
-    find_ioi_circuit,
-)
+from circuitkit.circuits import Circuit, CircuitHead, Faithfulness
 from circuitkit.data.ioi import IOIDataset
 from circuitkit.errors import CircuitkitError
+from circuitkit.report import PAPER_GPT2, IOIScores, ioi_report, ioi_study
 from circuitkit.results import Result
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,6 +34,8 @@ DEFAULT_N, QUICK_N = 100, 16
 # Path patching from every head costs many forward passes per prompt, so the circuit is found
 # on a subset of the prompts; its faithfulness is measured on all of them.
 DISCOVER_N, QUICK_DISCOVER_N = 24, 8
+# Activation patching sweeps every head's output, query, key and value: on fewer prompts still.
+PATCH_N, QUICK_PATCH_N = 20, 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
         f"{QUICK_DISCOVER_N} with --quick); faithfulness is measured on all n",
     )
     ioi.add_argument(
+        "--out",
+        default=None,
+        metavar="PAGE.html",
+        help="also run activation patching and write the whole study as one HTML page, with "
+        "its results saved beside it",
+    )
+    ioi.add_argument(
+        "--patch-n",
+        type=_positive_int,
+        default=None,
+        help=f"prompts the activation-patching sweeps of the page use, the first of the n "
+        f"({PATCH_N}; {QUICK_PATCH_N} with --quick)",
+    )
+    ioi.add_argument(
         "--quick",
         action="store_true",
         help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}",
@@ -149,57 +152,45 @@ def _progress(message: str) -> None:
 # -- circuitkit ioi ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Scores:
-    """Per-example scores of one run (clean or corrupted) on the IOI task."""
-
-    logit_diff: Float[Tensor, "n"]
-    accuracy: Float[Tensor, "n"]
-    io_beats_s: Float[Tensor, "n"]
-    prob_io: Float[Tensor, "n"]
-
-
 def _run_ioi(args: argparse.Namespace) -> int:
     from circuitkit.models import load_model
 
     n = args.n or (QUICK_N if args.quick else DEFAULT_N)
+    discover_n = args.discover_n or (QUICK_DISCOVER_N if args.quick else DISCOVER_N)
+    patch_n = args.patch_n or (QUICK_PATCH_N if args.quick else PATCH_N)
     _progress(f"loading {args.model} ...")
     model = load_model(args.model, device=args.device)
     _progress(f"building {n} IOI prompts (seed {args.seed}) ...")
     ds = IOIDataset(model, n=n, seed=args.seed)
-    abc = ds.corrupted("ABC")
     _progress(f"running {args.model} on the clean and ABC prompts ...")
-    read = ds.positions["end"]
-    clean_logits_at, cache = _clean_run(model, ds.tokens, read, args.batch_size)
-    clean = _scores(ds, clean_logits_at)
-    corrupted = _scores(ds, _logits_at(model, abc.tokens, read, args.batch_size))
-    heads = direct_logit_attribution(model, cache, ds, by="head")
-    lens = logit_lens(model, cache, ds)
+    study = ioi_study(
+        model,
+        ds,
+        circuit=args.circuit,
+        discover_n=discover_n,
+        patching=args.out is not None,
+        patch_n=patch_n,
+        batch_size=args.batch_size,
+        say=_progress,
+    )
 
     print(_section_header(args.model, ds))
     print()
-    print(_section_baseline({"clean": clean, "ABC": corrupted}))
+    print(_section_baseline({"clean": study.clean, "ABC": study.corrupted}))
     print()
-    print(_section_templates(ds, clean))
+    print(_section_templates(ds, study.clean))
     print()
-    print(_section_direct_heads(heads, args.top))
+    print(_section_direct_heads(study.heads, args.top))
     print()
-    print(_section_logit_lens(lens))
-    if args.circuit:
-        discover_n = args.discover_n or (QUICK_DISCOVER_N if args.quick else DISCOVER_N)
-        discover_n = min(discover_n, ds.n)
-        _progress(f"finding the IOI circuit on {discover_n} prompts (path patching) ...")
-        started = time.perf_counter()
-        circuit = find_ioi_circuit(
-            model, ds[:discover_n], reference=abc[:discover_n], progress=True
-        )
-        found_in = time.perf_counter() - started
-        _progress(f"measuring its faithfulness on {ds.n} prompts ...")
-        started = time.perf_counter()
-        faithful = faithfulness(model, circuit, ds, reference=abc, progress=True)
-        measured_in = time.perf_counter() - started
+    print(_section_logit_lens(study.lens))
+    if study.circuit is not None and study.faithful is not None:
+        seconds = (study.seconds["circuit"], study.seconds["faithfulness"])
         print()
-        print(_section_circuit(circuit, faithful, discover_n, (found_in, measured_in)))
+        print(_section_circuit(study.circuit, study.faithful, study.discover_n, seconds))
+    if args.out is not None:
+        path = ioi_report(study, model_name=args.model).write(args.out)
+        print()
+        print(f"wrote {path}")
     return 0
 
 
@@ -241,48 +232,6 @@ def _run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clean_run(
-    model: Any, tokens: Int[Tensor, "n pos"], read: Int[Tensor, "n"], batch_size: int
-) -> tuple[Float[Tensor, "n d_vocab"], ActivationCache]:
-    """The logits at the read positions, and a cache of what direct logit attribution by head
-    and the logit lens need, from one batched pass."""
-    needed = required_hooks(model, "head") | required_hooks(model, "logit_lens")
-    out, parts = [], []
-    with torch.inference_mode():
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size]
-            logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in needed)
-            rows = torch.arange(batch.shape[0], device=logits.device)
-            out.append(logits[rows, read[start : start + batch_size].to(logits.device)].cpu())
-            parts.append(cache.cache_dict)
-    merged = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    return torch.cat(out).float(), ActivationCache(merged, model)
-
-
-def _logits_at(
-    model: Any, tokens: Int[Tensor, "n pos"], read: Int[Tensor, "n"], batch_size: int
-) -> Float[Tensor, "n d_vocab"]:
-    """The model's logits at one position per example, computed in batches, on the CPU."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size]
-            logits = model(batch, return_type="logits")
-            rows = torch.arange(batch.shape[0], device=logits.device)
-            out.append(logits[rows, read[start : start + batch_size].to(logits.device)].cpu())
-    return torch.cat(out).float()
-
-
-def _scores(ds: IOIDataset, logits_at: Float[Tensor, "n d_vocab"]) -> _Scores:
-    """Score logits against the clean answers of ``ds`` (also for a corrupted run)."""
-    return _Scores(
-        logit_diff=metrics.logit_diff(ds).at(logits_at),
-        accuracy=metrics.accuracy(ds).at(logits_at),
-        io_beats_s=metrics.accuracy(ds, against="S").at(logits_at),
-        prob_io=metrics.prob(ds).at(logits_at),
-    )
-
-
 def _section_header(model_name: str, ds: IOIDataset) -> str:
     bos = "BOS prepended" if ds.prepend_bos else "no BOS"
     n_templates = len(set(ds.templates.tolist()))
@@ -297,7 +246,7 @@ def _section_header(model_name: str, ds: IOIDataset) -> str:
     )
 
 
-def _section_baseline(runs: dict[str, _Scores]) -> str:
+def _section_baseline(runs: dict[str, IOIScores]) -> str:
     rows = [
         [
             name,
@@ -313,7 +262,7 @@ def _section_baseline(runs: dict[str, _Scores]) -> str:
     return _table(headers, rows, align="<>>>>>")
 
 
-def _section_templates(ds: IOIDataset, clean: _Scores, width: int = 60) -> str:
+def _section_templates(ds: IOIDataset, clean: IOIScores, width: int = 60) -> str:
     rows = []
     for t, template in enumerate(ds.template_strings):
         chosen = ds.templates == t
@@ -393,7 +342,7 @@ def _section_circuit(
             ]
         )
     low, high = faithful.ci(0.95)
-    paper = "the IOI paper's GPT-2 small circuit: 26 heads, logit diff about 3.1 of 3.56, about 87%"
+    paper = PAPER_GPT2
     return "\n".join(
         [
             f"IOI circuit (ck.find_ioi_circuit): found on {subset} in {seconds[0]:.0f} s, "

@@ -319,6 +319,21 @@ def test_find_ioi_circuit_follows_its_rules():
     assert info["queries"].info["receivers"] == carriers
     inhibitors = [f"Head({h.layer}, {h.head}).v.at('S2')" for h in circuit.classes["s-inhibition"]]
     assert info["s2"].info["receivers"] == inhibitors
+    # the edges are the paths the rounds found: each from a circuit head into the logits or
+    # into an input of a head of the round before
+    heads = {(n.head.layer, n.head.head) for n in circuit.nodes}
+    assert circuit.edges and len(set(circuit.edges)) == len(circuit.edges)
+    for edge in circuit.edges:
+        assert (edge.sender.layer, edge.sender.head) in heads
+        if edge.receiver != "logits":
+            assert (edge.receiver.layer, edge.receiver.head) in heads
+            assert edge.receiver.part in ("q", "k", "v") and edge.receiver.layer > edge.sender.layer
+    into_logits = {(e.sender.layer, e.sender.head) for e in circuit.edges if e.receiver == "logits"}
+    assert into_logits == {
+        (n.head.layer, n.head.head)
+        for n in circuit.nodes
+        if n.role in ("name mover", "negative name mover", "other direct", "other negative direct")
+    }
     # strict thresholds keep fewer heads
     strict = ck.find_ioi_circuit(
         tiny_llama, ds, reference=abc, relative_threshold=0.5, progress=False
