@@ -7,7 +7,10 @@ on the logit difference (direct logit attribution) and the logit lens by layer, 
 clean run's cache, and last the IOI circuit that ``ck.find_ioi_circuit`` finds (path patching
 back from the logits, on the first ``--discover-n`` prompts) with its faithfulness on all of
 them (``--no-circuit`` leaves it out; ``--quick`` takes fewer prompts for a first look).
-Each section of the output is one ``_section_*``
+With ``--out page.html`` it also runs activation patching (the residual stream by layer and
+word, every head's output, query, key and value, on the first ``--patch-n`` prompts) and writes
+the whole study as one self-contained HTML page (``ck.report.ioi_report``), its results saved
+beside it. Each section of the output is one ``_section_*``
 function that takes the runs it needs and returns its text, so new sections and subcommands
 are added beside the existing ones.
 
@@ -110,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     ioi.add_argument(
         "--quick",
         action="store_true",
-        help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}",
+        help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}, "
+        f"activation patching on {QUICK_PATCH_N}",
     )
     ioi.set_defaults(run=_run_ioi)
 

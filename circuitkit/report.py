@@ -781,6 +781,43 @@ def _circuit_sections(report: Report, study: IOIStudy) -> None:
     report.add_result(faithful.result, "faithfulness")
 
 
+def _attention_figure(circuit: Circuit) -> go.Figure:
+    """Grouped bars: for the circuit's heads that act at the last token, how much it attends
+    to IO, S1 and S2; for those that act earlier, their previous-token, duplicate-token and
+    induction scores."""
+    from plotly.subplots import make_subplots
+
+    attention, scores = circuit.info["attention"], circuit.info["head_scores"]
+    late = [n for n in circuit.nodes if n.head.pos == "end"]
+    early = [n for n in circuit.nodes if n.head.pos != "end"]
+    figure = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[max(len(late), 1), max(len(early), 1)],
+        subplot_titles=("from the last token to ...", "attention-pattern scores"),
+    )
+    for col, nodes, result in ((1, late, attention), (2, early, scores)):
+        names = [f"{n.head.layer}.{n.head.head} {n.role}" for n in nodes]
+        for k, key in enumerate(result.labels[result.axes[-1]]):
+            figure.add_trace(
+                go.Bar(
+                    x=names,
+                    y=[float(result.values[n.head.layer, n.head.head, k]) for n in nodes],
+                    name=str(key),
+                    legendgroup=str(col),
+                ),
+                row=1,
+                col=col,
+            )
+    figure.update_layout(
+        title="Attention of the circuit's heads",
+        barmode="group",
+        yaxis_title="attention probability",
+        template="plotly_white",
+    )
+    return figure
+
+
 def _provenance_details(result: Result, name: str) -> str:
     made: Mapping[str, Any] = result.provenance or {}
     if not made:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from _browser import figures_rendered, render
 from _device import DEVICE
 
@@ -81,6 +82,47 @@ def test_ioi_prints_the_circuit_and_its_faithfulness(monkeypatch, capsys):
 
     assert cli.main(["ioi", "--n", "8", "--no-circuit"]) == 0
     assert "IOI circuit" not in capsys.readouterr().out
+
+
+def test_ioi_writes_its_page(monkeypatch, capsys, tmp_path):
+    tiny = ck.tiny_model("llama", n_layers=4).to(DEVICE)
+    monkeypatch.setattr(models, "load_model", lambda name, device=None: tiny)
+    out = tmp_path / "ioi.html"
+    argv = ["ioi", "--n", "8", "--discover-n", "6", "--patch-n", "3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    shot = tmp_path / "ioi.png"
+    rendered = render(out, screenshot=shot)
+    assert [m for m in rendered.console if "error" in m.lower()] == []
+    # every figure renders: logit lens, DLA, 5 patching sweeps, path patching to the logits
+    # (and to the queries of the heads that write the answer, when there are such heads),
+    # attention, the circuit graph
+    n_figures = out.read_text().count('class="ck-figure"')
+    assert n_figures >= 10 and len(figures_rendered(rendered.dom)) == n_figures
+    assert shot.stat().st_size > 10_000
+    for words in (
+        "Baseline",
+        "Logit lens",
+        "Activation patching",
+        "Path patching",
+        "Attention of the circuit",
+        "The circuit",
+        "Faithfulness",
+        "How this was made",
+    ):
+        assert words in rendered.dom, words  # fmt: skip
+    saved = {p.name for p in (tmp_path / "ioi_results").iterdir()}
+    assert {"logit_lens", "dla_heads", "patching_head", "patching_q", "path_logits",
+            "faithfulness"} <= saved  # fmt: skip
+    # a figure redrawn from its saved result is the study's own
+    heads = ck.Result.load(tmp_path / "ioi_results" / "patching_head")
+    ds = ck.IOIDataset(tiny, n=8)
+    again = ck.activation_patching(
+        tiny, ds[:3], ds.corrupted("ABC")[:3], "head", ck.metrics.logit_diff(ds[:3]),
+        progress=False,
+    )  # fmt: skip
+    torch.testing.assert_close(heads.values, again.values)
+    assert heads.provenance["method"] == "activation_patching"
 
 
 def test_quick_takes_fewer_prompts(monkeypatch, capsys):
