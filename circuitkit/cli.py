@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}, "
-        f"activation patching on {QUICK_PATCH_N}",
+        f"activation patching of the residual stream and heads' outputs on {QUICK_PATCH_N}",
     )
     ioi.set_defaults(run=_run_ioi)
 
@@ -174,6 +174,9 @@ def _run_ioi(args: argparse.Namespace) -> int:
         discover_n=discover_n,
         patching=args.out is not None,
         patch_n=patch_n,
+        # a first look patches the residual stream and the heads' outputs; the whole study
+        # also every head's query, key and value
+        sweeps=("resid", "head") if args.quick else ("resid", "head", "q", "k", "v"),
         batch_size=args.batch_size,
         say=_progress,
     )

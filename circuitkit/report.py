@@ -484,15 +484,17 @@ def ioi_study(
     discover_n: int = 24,
     patching: bool = True,
     patch_n: int = 20,
+    sweeps: Sequence[str] = ("resid", "head", "q", "k", "v"),
     batch_size: int = 32,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
 ) -> IOIStudy:
     """Run the IOI study of ``model`` on ``ds``: the baseline on the clean and ABC prompts,
-    direct logit attribution by head, the logit lens, activation patching (the residual stream
-    by layer and word; heads' outputs, queries, keys and values) on the first ``patch_n``
-    prompts, and the IOI circuit (``find_ioi_circuit`` on the first ``discover_n`` prompts)
-    with its faithfulness on all of them. ``say`` receives a line before each long step.
+    direct logit attribution by head, the logit lens, activation patching (``sweeps``: "resid",
+    the residual stream by layer and word; "head", "q", "k", "v", every head's output, query,
+    key and value) on the first ``patch_n`` prompts, and the IOI circuit (``find_ioi_circuit``
+    on the first ``discover_n`` prompts) with its faithfulness on all of them. ``say``
+    receives a line before each long step.
 
     Example::
 
@@ -518,12 +520,17 @@ def ioi_study(
     lens = logit_lens(model, cache, ds)
     seconds["baseline"] = time.perf_counter() - clock
 
-    sweeps: dict[str, Result] = {}
+    patched: dict[str, Result] = {}
     patch_n = min(patch_n, ds.n)
     if patching:
         sub, sub_abc = ds[:patch_n], abc[:patch_n]
         metric = logit_diff(sub)
         words = [w for w in _WORDS if w in sub.positions]
+        unknown = set(sweeps) - set(_PATCH_WORDS)
+        if unknown:
+            raise CircuitkitError(
+                f"ioi_study: unknown sweeps {sorted(unknown)}; choose from {list(_PATCH_WORDS)}"
+            )
         for name, component, kwargs in (
             ("resid", "resid_pre", {"per_position": True, "positions": words}),
             ("head", "head", {}),
@@ -531,9 +538,11 @@ def ioi_study(
             ("k", "k", {}),
             ("v", "v", {}),
         ):
+            if name not in sweeps:
+                continue
             tell(f"activation patching: {_PATCH_WORDS[name]} ({patch_n} prompts) ...")
             clock = time.perf_counter()
-            sweeps[name] = activation_patching(
+            patched[name] = activation_patching(
                 model, sub, sub_abc, component=component, metric=metric,
                 direction="denoise", progress=progress, **kwargs,
             )  # fmt: skip
@@ -553,7 +562,7 @@ def ioi_study(
         faithful = faithfulness(model, found, ds, reference=abc, progress=progress)
         seconds["faithfulness"] = time.perf_counter() - clock
     return IOIStudy(
-        ds, abc, clean, corrupted, heads, lens, sweeps, found, faithful, discover_n, patch_n,
+        ds, abc, clean, corrupted, heads, lens, patched, found, faithful, discover_n, patch_n,
         seconds,
     )  # fmt: skip
 
