@@ -62,7 +62,10 @@ def main() -> None:
 
     model = ck.load_model("smollm2-135m")
     ds = ck.IOIDataset(model, n=args.n, seed=0)
-    study = ioi_study(model, ds, discover_n=args.n, patch_n=args.n, progress=False, say=print)
+    study = ioi_study(
+        model, ds, discover_n=args.n, patch_n=args.n, sweeps=("resid", "head"), progress=False,
+        say=print,
+    )  # fmt: skip
     photograph(ck.plot(study.lens, title="Logit lens: logit difference after each layer"),
                OUT / "logit_lens.png")  # fmt: skip
     photograph(ck.plot(study.heads, title="Direct logit attribution by head"),
