@@ -622,7 +622,7 @@ def find_ioi_circuit(
     ``min_attention``. Each head is put in the circuit at the position where it acts ("end",
     "end", "S2", "S1+1"); a head already in the circuit at that position is not added twice.
     MLPs are kept ("all"). ``layers`` restricts the senders of every round to the heads of some
-    layers (all by default): a quicker search that cannot find heads elsewhere.
+    layers (all by default; ``info["layers"]``): a quicker search that finds no head elsewhere.
 
     Cost: every round patches every head before its receivers, so this takes hundreds of
     forward passes' worth of compute; on smollm2-135m with 40 prompts about 7 minutes on a
@@ -632,8 +632,7 @@ def find_ioi_circuit(
     Returns a ``Circuit`` named "IOI" whose heads carry their class and effect; its ``info``
     holds the four path-patching results ("direct", "queries", "s2", "s1+1"), the attention
     scores ("attention": end -> IO, S1, S2; "head_scores"), the unpatched metric ("base", and per
-    example "base_examples"), the thresholds, the layers swept ("layers") and the seconds each
-    round took.
+    example "base_examples"), the thresholds and the seconds each round took.
 
     Example::
 
@@ -706,9 +705,9 @@ def find_ioi_circuit(
         seconds[step] = time.perf_counter() - clock
         results[step] = result
         changes = cast(Tensor, result.examples) - base.to(result.values)
-        swept = [int(layer) for layer in result.labels["layer"]]
+        changes = _on_every_layer(changes, result.labels["layer"], model.cfg.n_layers)
         count: dict[str, int] = {}
-        for head, effect in _significant(changes, swept, sign, relative_threshold, z_threshold):
+        for head, effect in _significant(changes, sign, relative_threshold, z_threshold):
             role = role_of(head, effect)
             placed = Head(head.layer, head.head, pos=position)
             if count.get(role, 0) >= max_per_class or any(n.head == placed for n in chosen):
@@ -766,16 +765,22 @@ def find_ioi_circuit(
     )
 
 
+def _on_every_layer(
+    changes: Float[Tensor, "swept head n"], layers: Sequence[str], n_layers: int
+) -> Float[Tensor, "layer head n"]:
+    """A sweep's rows, labelled with their ``layers``, on the rows of every layer; the layers
+    not swept show no change."""
+    full = changes.new_zeros(n_layers, *changes.shape[1:])
+    full[[int(layer) for layer in layers]] = changes
+    return full
+
+
 def _significant(
-    changes: Float[Tensor, "layer head n"],
-    layers: Sequence[int],
-    sign: int,
-    relative: float,
-    z_threshold: float,
+    changes: Float[Tensor, "layer head n"], sign: int, relative: float, z_threshold: float
 ) -> list[tuple[Head, float]]:
     """Heads whose mean change is at least ``relative`` times the largest |mean change|, with
     |mean| / standard error >= ``z_threshold``, and of sign ``sign`` (either if 0); the
-    largest first. ``layers`` are the model layers of the rows of ``changes``."""
+    largest first."""
     n = changes.shape[-1]
     effect = changes.mean(-1)
     sem = changes.std(-1) / math.sqrt(n) if n > 1 else torch.zeros_like(effect)
@@ -785,7 +790,7 @@ def _significant(
     order = size.flatten().argsort(descending=True).tolist()
     n_heads = changes.shape[1]
     return [
-        (Head(layers[i // n_heads], i % n_heads), float(effect.flatten()[i]))
+        (Head(i // n_heads, i % n_heads), float(effect.flatten()[i]))
         for i in order
         if keep.flatten()[i]
     ]
