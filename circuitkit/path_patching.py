@@ -88,6 +88,7 @@ def path_patching(
     metric: MetricLike | None = None,
     *,
     direction: Direction = "noise",
+    layers: Sequence[int] | None = None,
     reference: bool = False,
     memory_budget: int | None = None,
     keep_examples: bool = True,
@@ -99,7 +100,9 @@ def path_patching(
     "mlps" (every MLP's output; axis "layer"), one component (``ck.Head(9, 9)``, ``ck.MLP(3)``,
     either restricted to positions such as ``ck.Head(9, 9).at("S2")``), a set of components
     patched together in one experiment, or a list whose elements are components or sets of
-    them, each its own experiment (axis "sender").
+    them, each its own experiment (axis "sender"). ``layers`` restricts a "heads" or "mlps"
+    sweep to the senders of some layers (``range(14, 23)``), which saves the time of the others;
+    the "layer" axis is labelled with the layers' own numbers.
 
     ``receivers``: "logits" (the final residual stream, what goes into the final norm), or the
     query / key / value inputs of heads, patched together: ``ck.Head(9, 9).q`` or a list such
@@ -145,7 +148,7 @@ def path_patching(
         )
     positions = clean_positions if clean_positions is not None else corrupted_positions
 
-    experiments, axes, labels, sweep = _sender_experiments(model, senders)
+    experiments, axes, labels, sweep = _sender_experiments(model, senders, layers)
     receiver_list = _receiver_list(model, receivers)
     reach = max(_receiving_layer(model, r) for r in receiver_list)
     if not sweep:
@@ -189,6 +192,7 @@ def path_patching(
             "senders": senders,
             "receivers": receivers,
             "direction": direction,
+            "layers": layers,
             "reference": reference,
             "memory_budget": memory_budget,
             "keep_examples": keep_examples,
@@ -217,9 +221,14 @@ def path_patching(
 
 
 def _sender_experiments(
-    model: HookedTransformer, senders: Senders
+    model: HookedTransformer, senders: Senders, layers: Sequence[int] | None
 ) -> tuple[list[tuple[Component, ...]], tuple[str, ...], dict[str, list[str]], bool]:
     """``(experiments, axes, labels, sweep)``: each experiment is the senders patched together."""
+    if layers is not None and not isinstance(senders, str):
+        raise ComponentError(
+            f"{_WHERE}: layers= restricts a sweep such as senders='heads'; with a list of "
+            "senders, list only the ones to patch"
+        )
     if isinstance(senders, str):
         kinds = {"heads": "head", "mlps": "mlp"}
         if senders not in kinds:
@@ -228,7 +237,7 @@ def _sender_experiments(
                 f"or a list of them, got {senders!r}"
             )
         try:
-            comps, axes, labels = all_components(model, kinds[senders])
+            comps, axes, labels = all_components(model, kinds[senders], layers)
         except ComponentError as error:
             raise ComponentError(f"{_WHERE}: senders={senders!r}: {error}") from None
         return [(c,) for c in comps], axes, labels, True

@@ -239,6 +239,45 @@ class Result:
             out.append((self.label_of([int(j) for j in index]), float(flat[i])))
         return out
 
+    def minus(self, baseline: Float[Tensor, "n"] | float, *, metric: str | None = None) -> Result:
+        """The change of every cell from a baseline run, paired per example.
+
+        ``baseline`` is the per-example metric of the run to compare with ([n], such as the
+        clean run's logit difference) or one number. The per-example values become
+        ``examples - baseline`` (the values, their mean), so intervals and plots show the
+        change each intervention makes, paired over the same prompts; without per-example
+        values only ``values`` are shifted, by the baseline's mean. Axes, labels, method, info
+        and provenance are kept; ``metric`` names the new values ("change in <metric>" unless
+        given).
+
+        Example::
+
+            clean = metric(model(ds.tokens))                  # [n]
+            direct = ck.path_patching(model, ds, abc, "heads", "logits", metric)
+            ck.plot(direct.minus(clean))                      # what noising each head costs
+        """
+        base = torch.as_tensor(baseline).detach()
+        if base.ndim > 1 or (base.ndim == 1 and self.n_examples not in (None, base.shape[0])):
+            raise ShapeError(
+                f"Result.minus: baseline has shape {tuple(base.shape)}; expected one number "
+                f"or one value per example, ({self.n_examples},)"
+            )
+        examples = None
+        if self.examples is not None:
+            examples = self.examples - base.to(self.examples.device, self.examples.dtype)
+            values = examples.mean(-1)
+        else:
+            values = self.values - base.to(self.values.device, self.values.dtype).mean()
+        return dataclasses.replace(
+            self,
+            values=values,
+            examples=examples,
+            metric=metric if metric is not None else f"change in {self.metric or 'the metric'}",
+            labels={axis: list(labels) for axis, labels in self.labels.items()},
+            info=dict(self.info),
+            provenance=dict(self.provenance),
+        )
+
     def to_dataframe(self, *, ci: float | None = None, n_boot: int = 2000, seed: int = 0):
         """One row per cell: a column per axis (its label), ``value``, and uncertainty columns.
 

@@ -341,3 +341,32 @@ def test_find_ioi_circuit_follows_its_rules():
     assert len(strict) < len(circuit)
     with pytest.raises(CircuitkitError, match="relative_threshold must lie in"):
         ck.find_ioi_circuit(tiny_llama, ds, reference=abc, relative_threshold=2.0)
+
+
+def test_find_ioi_circuit_on_some_layers():
+    tiny_llama = ck.tiny_model("llama", n_layers=4).to(DEVICE)
+    ds = ck.IOIDataset(tiny_llama, n=8, seed=0)
+    abc = ds.corrupted("ABC")
+    kwargs = dict(
+        reference=abc, relative_threshold=0.0, z_threshold=0.0, min_attention=0.05,
+        progress=False,
+    )  # fmt: skip
+    every = ck.find_ioi_circuit(tiny_llama, ds, **kwargs)
+    some = ck.find_ioi_circuit(tiny_llama, ds, layers=[2, 0], **kwargs)
+    assert {h.layer for h in every.heads} - {0, 2}, "the test needs heads outside layers 0, 2"
+    assert some.heads and {h.layer for h in some.heads} <= {0, 2}
+    assert some.info["layers"] == [2, 0] and every.info["layers"] is None
+    # the first round is the same sweep, restricted: effects read from the rows of those layers
+    direct = some.info["direct"]
+    assert direct.labels["layer"] == ["2", "0"]
+    assert_close(direct.examples, every.info["direct"].examples[[2, 0]], atol=1e-5, rtol=1e-5)
+    base = some.info["base_examples"]
+    step_of = {"end": ("direct", "queries"), "S2": ("s2",), "S1+1": ("s1+1",)}
+    for node in some.nodes:
+        row = [2, 0].index(node.head.layer)
+        expected = [
+            float((some.info[s].examples[row, node.head.head] - base).mean())
+            for s in step_of[node.head.pos]
+            if s in some.info
+        ]
+        assert any(node.effect == pytest.approx(e, abs=1e-5) for e in expected), node

@@ -250,6 +250,26 @@ def test_result_axes_and_labels(tiny_gpt2):
     assert ck.plot(heads).data[0].type == "heatmap"
 
 
+def test_layers_restrict_a_sweep_to_those_layers(tiny_llama):
+    clean, corrupted, metric, _ = random_pair(tiny_llama, 8)
+    kwargs = dict(metric=metric, progress=False)
+    receivers = [ck.Head(2, 1).q.at("end"), ck.Head(2, 3).v]
+    for senders, receiver in (("heads", receivers), ("heads", "logits"), ("mlps", "logits")):
+        every = ck.path_patching(tiny_llama, clean, corrupted, senders, receiver, **kwargs)
+        some = ck.path_patching(
+            tiny_llama, clean, corrupted, senders, receiver, layers=[2, 0], **kwargs
+        )
+        assert some.axes == every.axes
+        assert some.labels["layer"] == ["2", "0"]
+        assert_close(some.examples, every.examples[[2, 0]], atol=1e-5, rtol=1e-5)
+        assert (every.examples[0] - every.examples[2]).abs().max() > 1e-4
+        assert some.provenance["args"]["layers"] == [2, 0]
+    with pytest.raises(ComponentError, match="layers= restricts a sweep"):
+        ck.path_patching(tiny_llama, clean, corrupted, [ck.Head(0, 0)], layers=[0], **kwargs)
+    with pytest.raises(ComponentError, match="layer 7 is out of range"):
+        ck.path_patching(tiny_llama, clean, corrupted, "heads", layers=[7], **kwargs)
+
+
 def _snapshot(model):
     hooks = {
         name: (len(hp._forward_hooks), len(hp._backward_hooks), len(hp.fwd_hooks))

@@ -242,6 +242,32 @@ def test_dataframe_columns():
         bare.to_dataframe(ci=0.95)
 
 
+def test_minus_is_the_change_from_a_baseline_paired_per_example():
+    result = normal_result(0.0, 1.0, n=6, seed=3, shape=(2, 3))
+    result.info["direction"] = "noise"
+    baseline = torch.randn(6, generator=torch.Generator().manual_seed(4))
+    change = result.minus(baseline)
+    for index in itertools.product(range(2), range(3)):
+        expected = [result.examples[index][i] - baseline[i] for i in range(6)]
+        np.testing.assert_allclose(change.examples[index].numpy(), expected, rtol=1e-6)
+        assert float(change.values[index]) == pytest.approx(float(sum(expected)) / 6, abs=1e-6)
+    # paired: the standard error is that of the differences, not of the values
+    assert not torch.allclose(change.sem(), result.sem())
+    assert (change.axes, change.labels, change.method) == (result.axes, result.labels, "synthetic")
+    assert change.metric == "change in m" and change.info == {"direction": "noise"}
+    assert torch.allclose(result.minus(1.5).values, result.values - 1.5)
+    assert result.minus(baseline, metric="drop").metric == "drop"
+    bare = Result(torch.tensor([1.0, 2.0]), ("layer",), {}, metric="logit_diff")
+    shifted = bare.minus(baseline)
+    assert shifted.values.tolist() == pytest.approx((bare.values - baseline.mean()).tolist())
+    assert shifted.metric == "change in logit_diff" and shifted.examples is None
+    assert bare.values.tolist() == [1.0, 2.0]  # the original is unchanged
+    with pytest.raises(ShapeError, match=r"Result.minus: baseline has shape \(5,\)"):
+        result.minus(baseline[:5])
+    with pytest.raises(ShapeError, match="baseline has shape"):
+        result.minus(torch.zeros(2, 6))
+
+
 def test_result_stays_a_backwards_compatible_dataclass():
     assert dataclasses.is_dataclass(Result)
     names = [f.name for f in dataclasses.fields(Result)]
