@@ -423,25 +423,21 @@ def _compile(
 def _activation_shapes(
     model: HookedTransformer, tokens: Tensor, components: Sequence[Component]
 ) -> dict[str, torch.Size]:
-    """The shape of the activation of every component, from a forward of one example that stops
-    after the last layer touched (every activation is batch-first, so only its batch size
-    differs)."""
+    """The shape of the activation of every component, from one base forward that stops after
+    the last layer touched."""
     names = {c.hook_name(model) for c in components}
     shapes: dict[str, torch.Size] = {}
     if not names:  # only unpatched runs
         return shapes
-    n = tokens.shape[0]
     handles = [
         model.hook_dict[name].register_forward_hook(
-            lambda module, inputs, output, name=name: shapes.__setitem__(
-                name, torch.Size((n, *output.shape[1:]))
-            )
+            lambda module, inputs, output, name=name: shapes.__setitem__(name, output.shape)
         )
         for name in names
     ]
     stop = max(c.layer for c in components) + 1
     try:
-        model(tokens[:1], stop_at_layer=max(stop, 1))
+        model(tokens, stop_at_layer=max(stop, 1))
     finally:
         for handle in handles:
             handle.remove()
