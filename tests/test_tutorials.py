@@ -18,6 +18,7 @@ def test_the_tutorials_are_there():
         "01_getting_started",
         "02_ablation_and_dla",
         "03_activation_patching",
+        "04_path_patching",
         "05_causal_tracing",
     ], names
 
