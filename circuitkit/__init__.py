@@ -60,6 +60,7 @@ from circuitkit.models import load_model, load_tokenizer, tiny_model
 from circuitkit.patching import activation_patching
 from circuitkit.path_patching import path_patching
 from circuitkit.plot import plot, plot_causal_trace
+from circuitkit.plot_circuit import plot_circuit
 from circuitkit.results import Comparison, Result, compare
 
 __version__ = "0.1.0.dev0"
@@ -128,6 +129,7 @@ __all__ = [
     "path_patching",
     "plot",
     "plot_causal_trace",
+    "plot_circuit",
     "provenance",
     "record_activations",
     "run_interventions",
