@@ -112,6 +112,7 @@ def discover_circuit(
     normalize: bool = False,
     max_edges: int | None = None,
     grid: Sequence[int] | None = None,
+    scores: EdgeScores | None = None,
     memory_budget: int | None = None,
     progress: bool = True,
 ) -> Circuit:
@@ -128,7 +129,9 @@ def discover_circuit(
     both datasets have templates; ``per_template`` forces it on or off), ``"corrupted"`` by the
     paired corrupted prompt's outputs. ``max_edges`` caps ``k``; if no circuit that small
     reaches ``target``, the top ``max_edges`` edges are returned with a warning.
-    ``metric`` defaults to the logit difference of an IOI dataset.
+    ``metric`` defaults to the logit difference of an IOI dataset. ``scores`` (an
+    ``EdgeScores`` of this model's graph, from ``ck.edge_attribution_patching`` say) skips the
+    scoring: the search ranks those instead (``method`` and ``steps`` are then not used).
 
     Returns a ``ck.Circuit`` named "discovered": ``edges`` are the kept edges after pruning
     (edges into nodes that reach the logits through no kept edge are dropped), largest |score|
@@ -137,8 +140,8 @@ def discover_circuit(
     "... values", "... MLPs"), with the sum of their kept edges' scores as ``effect``;
     ``mlps`` the MLPs that send a kept edge. Its ``info`` holds:
 
-    - "scores": the ``ck.EdgeScores``; "method", "steps", "ablation", "per_template",
-      "target", "normalize";
+    - "scores": the ``ck.EdgeScores``; "method", "steps", "given_scores", "ablation",
+      "per_template", "target", "normalize";
     - "k" (top edges kept before pruning), "n_edges" (after), "faithfulness" (at ``k``),
       "reached" (whether it is at least ``target``), "edge_mask" (bool [receiver, sender] of
       the kept edges: ``graph.valid & ~mask`` is the run that ablates the rest);
@@ -189,17 +192,29 @@ def discover_circuit(
     limit = graph.n_edges if max_edges is None else min(max_edges, graph.n_edges)
     sizes = _grid(grid, limit, where)
     per_template = _resolve_per_template(clean, corrupted, ablation, per_template, where)
+    if scores is not None:
+        mask = getattr(scores, "edge_mask", None) if isinstance(scores, EdgeScores) else None
+        if not isinstance(mask, Tensor) or not torch.equal(mask.cpu(), graph.valid):
+            raise CircuitkitError(
+                f"{where}: scores must be the EdgeScores of this model's graph "
+                f"({len(graph.receivers)} receivers x {len(graph.senders)} senders), got "
+                f"{type(scores).__name__}"
+                + (f" over {tuple(mask.shape)}" if isinstance(mask, Tensor) else "")
+            )
+        method = scores.info.get("method", "given")  # type: ignore[assignment]
+        steps = scores.info.get("steps", steps)
 
+    given = scores is not None
     start = time.perf_counter()
     replacement = _replacement(
         model, clean, corrupted, corrupted_tokens, ablation, per_template, where
     )
-    if method == "path":
+    if scores is None and method == "path":
         scores = _path_scores(
             model, graph, clean, clean_tokens, metric, replacement, memory_budget, progress
         )
         scores.info.update(ablation=ablation, per_template=per_template)
-    else:
+    elif scores is None:
         scores = edge_attribution_patching(
             model, clean, corrupted, metric, method=method, steps=steps,
             memory_budget=memory_budget, progress=progress,
@@ -271,6 +286,7 @@ def discover_circuit(
     args = {
         "method": method,
         "steps": steps if method == "eap-ig" else None,
+        "given_scores": given,
         "target": target,
         "ablation": ablation,
         "per_template": per_template,

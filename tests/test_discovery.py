@@ -189,6 +189,10 @@ def test_the_circuit_returned(ioi):
     for edge in circuit.edges:
         if isinstance(edge.receiver, ck.Head) and edge.receiver.part in ("k", "v"):
             assert ck.Head(edge.receiver.layer, edge.receiver.head) in circuit
+    # scores given: the same search, no scoring
+    again = ck.discover_circuit(model, ds, abc, metric, target=0.7, scores=scores, progress=False)
+    assert again.edges == circuit.edges and again.info["given_scores"]
+    assert_close(again.info["curve"].values, info["curve"].values)
     assert circuit.name == "discovered"
     assert info["provenance"]["method"] == "discover_circuit"
     assert info["curve"].provenance["args"]["target"] == 0.7
@@ -295,6 +299,9 @@ def test_bad_inputs_and_the_model_unchanged(ioi):
     def call(*args, **kwargs):
         return ck.discover_circuit(model, *args, **{"progress": False, **kwargs})
 
+    other = ck.tiny_model("attn-only")
+    other_scores = ck.edge_attribution_patching(other, ds, abc, metric, progress=False)
+
     bad = [
         ((ds, abc, metric), {"target": 0}, "target is a faithfulness in \\(0, 1\\]"),
         ((ds, abc, metric), {"target": 1.5}, "got 1.5"),
@@ -313,6 +320,8 @@ def test_bad_inputs_and_the_model_unchanged(ioi):
         ((ds, abc, metric), {"ablation": "corrupted", "per_template": True}, "per_template is"),
         ((ds.tokens, abc.tokens, metric), {"per_template": True}, "needs datasets with .templ"),
         ((ds.tokens, abc.tokens), {}, "pass metric=..."),
+        ((ds, abc, metric), {"scores": ck.Result(torch.zeros(3), ("x",), {})}, "scores must be"),
+        ((ds, abc, metric), {"scores": other_scores}, "scores must be the EdgeScores of this"),
     ]
     for args, kwargs, message in bad:
         with pytest.raises(CircuitkitError, match=message):
