@@ -35,6 +35,7 @@ from circuitkit.circuits import (
 )
 from circuitkit.components import MLP, Attn, Component, Embed, Head, Neuron, PosEmbed, Resid
 from circuitkit.data.ioi import IOIDataset
+from circuitkit.discovery import discover_circuit
 from circuitkit.engine import (
     Add,
     Intervention,
@@ -107,6 +108,7 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "direct_logit_attribution",
+    "discover_circuit",
     "distributed",
     "edge_attribution_patching",
     "attention_head_scores",

@@ -724,7 +724,11 @@ def _patch_edges_group(
         start = starts[chunk[0]][0]
         chunk_masks = masks[chunk]
         weights = chunk_masks.to(device=tokens.device, dtype=cfg.dtype)
-        deltas = base_deltas.expand(c, *base_deltas.shape).clone()
+        # a fresh copy (the hooks write into it), laid out senders before examples so that a
+        # prefix of the senders is one block
+        deltas = base_deltas.expand(c, *base_deltas.shape).clone(
+            memory_format=torch.contiguous_format
+        )
         hooks = _edge_hooks(
             model, graph, chunk_masks.any(dim=(0, 2)), weights, deltas, replacement, c, n, start
         )
@@ -743,9 +747,28 @@ def _patch_edges_group(
 def _correction(deltas: Tensor, weights: Tensor) -> Tensor:
     """[c, n, pos, receiver, d_model]: for each run and receiver, the sum of the patched senders'
     deltas. ``deltas`` [c, sender, n, pos, d_model] holds at least the senders ``weights`` [c,
-    receiver, sender] covers (the first ones)."""
+    receiver, sender] covers (the first ones).
+
+    Senders that every receiver of a run patches (most of them, when a circuit is tested by
+    ablating everything outside it) are summed once for all of the run's receivers; only the
+    others go through the per-receiver product, gathered first when they are few."""
     c, n_receivers, n_senders = weights.shape
-    summed = torch.bmm(weights, deltas[:, :n_senders].reshape(c, n_senders, -1))
+    flat = deltas[:, :n_senders].flatten(2)  # [c, sender, n * pos * d_model], a view
+    patched = weights != 0
+    shared = patched.all(dim=1)  # [c, sender]
+    others = patched & ~shared[:, None]
+    summed = flat.new_zeros(c, 1, flat.shape[-1])
+    if shared.any():
+        summed = torch.bmm(shared[:, None].to(flat.dtype), flat)
+    rest = others.any(dim=1).any(dim=0)  # [sender]
+    if rest.any():
+        rest_weights = weights * others.to(weights.dtype)
+        if 2 * int(rest.sum()) < n_senders:
+            columns = rest.nonzero()[:, 0]
+            summed = summed + torch.bmm(rest_weights[:, :, columns], flat[:, columns])
+        else:
+            summed = summed + torch.bmm(rest_weights, flat)
+    summed = summed.expand(c, n_receivers, flat.shape[-1])
     return summed.view(c, n_receivers, *deltas.shape[2:]).permute(0, 2, 3, 1, 4)
 
 

@@ -2,8 +2,9 @@
 
 ``plot_circuit`` draws any ``ck.Circuit``. Layers run from left to right: the embeddings
 (``Embed()``, "embed") first, then each layer's heads, then that layer's MLP half a step to the
-right (an MLP reads its own layer's heads), and the logits last. Within a column the nodes are
-spread evenly about the middle, heads in order of their index. Heads are coloured by class (a
+right (an MLP reads its own layer's heads), and the logits last. Within a column the heads are
+spread evenly about the middle in order of their index; the MLPs ("M3" for ``MLP(3)``) sit in
+one row below all heads, the embeddings and the logits in the middle. Heads are coloured by class (a
 circuit from ``ck.find_ioi_circuit`` has the IOI paper's classes: name movers, s-inhibition,
 induction, ...), MLPs are grey squares, the embeddings and the logits black diamonds.
 
@@ -30,8 +31,8 @@ from circuitkit.components import MLP, Component, Embed, Head
 from circuitkit.errors import CircuitkitError
 from circuitkit.graph import LOGITS, Edge, EdgeScores
 
-# Colours of the IOI classes, as close as plotly's qualitative palette allows to the paper's
-# figure; other classes take the next colours of the palette in the order they appear.
+# Colours of the IOI classes, from plotly's qualitative palette, and of discover_circuit's
+# classes; other classes take the colours below in the order they appear.
 _CLASS_COLOURS = {
     "name mover": "#d62728",
     "negative name mover": "#8c564b",
@@ -40,6 +41,12 @@ _CLASS_COLOURS = {
     "induction": "#2ca02c",
     "duplicate token": "#9467bd",
     "previous token": "#ff7f0e",
+    # the classes of ck.discover_circuit: what a head's strongest edge feeds, as its edges
+    "writes to logits": "#e6550d",
+    "writes to queries": "#1f77b4",
+    "writes to keys": "#2ca02c",
+    "writes to values": "#d62728",
+    "writes to MLPs": "#9467bd",
 }
 _OTHER_COLOURS = (
     "#17becf",
@@ -115,16 +122,21 @@ def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
             return last_layer + 1.0
         return node.layer + (0.5 if isinstance(node, MLP) else 0.0)
 
-    nodes: list[Any] = sorted(roles, key=lambda h: (h.layer, h.head))
-    nodes += sorted(mlps, key=lambda m: m.layer)
-    nodes += [node for node in (Embed(), LOGITS) if node in ends]
+    # heads spread about 0 in their layer's column, MLPs in a row below all of them, the
+    # embeddings and the logits at 0
     by_column: dict[float, list[Any]] = {}
-    for node in nodes:
-        by_column.setdefault(column(node), []).append(node)
-    place = {}
+    for head in sorted(roles, key=lambda h: (h.layer, h.head)):
+        by_column.setdefault(column(head), []).append(head)
+    tallest = max((len(m) for m in by_column.values()), default=1)
+    place: dict[Any, tuple[float, float]] = {}
     for x, members in by_column.items():
         for i, node in enumerate(members):
             place[node] = (x, i - (len(members) - 1) / 2)
+    mlp_row = -(tallest - 1) / 2 - 1
+    for mlp in mlps:
+        place[mlp] = (column(mlp), mlp_row)
+    for node in ends:
+        place[node] = (column(node), 0.0)
 
     fig = go.Figure()
     for trace in _edge_traces(circuit, place):
@@ -132,7 +144,7 @@ def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
     for trace in _node_traces(circuit, roles, mlps, ends, place):
         fig.add_trace(trace)
 
-    ticks = sorted(by_column)
+    ticks = sorted({x for x, _ in place.values()})
     tick_text = [
         "embed" if x == -1 else "logits" if x == last_layer + 1 and LOGITS in ends else
         (f"{int(x)}" if x == int(x) else "")
@@ -141,9 +153,9 @@ def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
     fig.update_xaxes(
         title_text="layer", tickvals=ticks, ticktext=tick_text, showgrid=False, zeroline=False
     )
-    tallest = max((len(m) for m in by_column.values()), default=1)
     top = tallest / 2 + 0.5 + _top_room(place)
-    fig.update_yaxes(visible=False, range=[-tallest / 2 - 0.5, top])
+    bottom = mlp_row - 0.6 if mlps else -tallest / 2 - 0.5
+    fig.update_yaxes(visible=False, range=[bottom, top])
     summary = f"{len(roles)} heads" + (f", {len(circuit.edges)} edges" if circuit.edges else "")
     default = f"{circuit.name or 'Circuit'} ({summary})"
     fig.update_layout(
@@ -151,7 +163,7 @@ def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
         template="plotly_white",
         hovermode="closest",
         legend=dict(itemsizing="constant"),
-        height=max(450, 45 * tallest + 200),
+        height=max(450, 45 * (top - bottom) + 150),
     )
     return fig
 
@@ -279,14 +291,16 @@ def _node_traces(
         ]
         traces.append(
             _markers(
-                heads, place, role or "heads", colours[role], "circle", 16,
+                heads, place, role or "other heads", colours[role], "circle", 16,
                 [h.label for h in heads], hover,
             )
         )  # fmt: skip
     if mlps:
         chosen = sorted(mlps, key=lambda m: m.layer)
-        labels = [f"MLP {m.layer}" for m in chosen]
-        traces.append(_markers(chosen, place, "MLPs", "#9e9e9e", "square", 14, labels, labels))
+        labels, hover = [f"M{m.layer}" for m in chosen], [f"MLP {m.layer}" for m in chosen]
+        traces.append(
+            _markers(chosen, place, "MLPs (M<layer>)", "#9e9e9e", "square", 14, labels, hover)
+        )
     ends_present: Sequence[Any] = [node for node in (Embed(), LOGITS) if node in ends]
     if ends_present:
         labels = ["embed" if isinstance(node, Embed) else "logits" for node in ends_present]

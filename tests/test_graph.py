@@ -382,3 +382,23 @@ def test_patch_edges_on_smollm(smollm):
     slow = ck.patch_edges(smollm, clean, masks, metric, reference=True, **kwargs)
     assert_close(fast, slow, atol=1e-3, rtol=1e-4)
     assert (fast[0] - fast[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("case", ["shared", "few others", "many others", "none"])
+def test_correction_sums_shared_senders_once(case):
+    """Senders every receiver patches are summed once; the rest per receiver: the same sums."""
+    from circuitkit.graph import _correction
+
+    g = torch.Generator().manual_seed(3)
+    c, n_receivers, n_senders, n, n_pos, d = 3, 4, 10, 2, 3, 5
+    deltas = torch.randn(c, n_senders + 2, n, n_pos, d, generator=g)
+    weights = torch.zeros(c, n_receivers, n_senders)
+    if case in ("shared", "few others"):  # 6 senders patched everywhere, and a few others
+        weights[:, :, :6] = 1.0
+        density = 0.0 if case == "shared" else 0.15
+        weights[:, :, 6:] = (torch.rand(c, n_receivers, 4, generator=g) < density).float()
+        weights[0, 1, 7] = 1.0  # at least one sender that only some receivers patch
+    elif case == "many others":  # most senders patched by some receivers only
+        weights = (torch.rand(c, n_receivers, n_senders, generator=g) < 0.7).float()
+    expected = torch.einsum("crs,csnpd->cnprd", weights, deltas[:, :n_senders])
+    assert_close(_correction(deltas, weights), expected, atol=1e-5, rtol=1e-5)

@@ -74,10 +74,13 @@ def test_an_edge_circuit():
     ]  # fmt: skip
     assert [len([x for x in t.x if x is None]) for t in lines(fig)] == [1, 1, 1, 1, 2]
     # heads in the nodes, heads only the edges reach, MLPs, embeddings and logits
-    assert [t.name for t in markers(fig)] == ["feeds logits", "heads", "MLPs", "embed / logits"]
+    names = [t.name for t in markers(fig)]
+    assert names == ["feeds logits", "other heads", "MLPs (M<layer>)", "embed / logits"]
     ends = markers(fig)[-1]
     assert list(ends.text) == ["embed", "logits"] and list(ends.x) == [-1, 2]
-    assert list(markers(fig)[2].x) == [1.5]  # an MLP half a layer after its layer's heads
+    # an MLP half a layer after its layer's heads, in a row below them
+    assert list(markers(fig)[2].x) == [1.5] and list(markers(fig)[2].text) == ["M1"]
+    assert markers(fig)[2].y[0] < min(min(t.y) for t in markers(fig)[:2])
     # a line into a head's query ends above it, into its value below it
     queries, _, values = lines(fig)[:3]
     assert queries.y[-2] > 0 > values.y[-2]

@@ -20,6 +20,7 @@ def test_the_tutorials_are_there():
         "03_activation_patching",
         "04_path_patching",
         "05_causal_tracing",
+        "06_attribution_and_discovery",
     ], names
 
 
