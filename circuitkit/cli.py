@@ -24,12 +24,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from torch import Tensor
-
-from circuitkit.circuits import Circuit, CircuitHead, Faithfulness
+from circuitkit.circuits import Circuit, Faithfulness
 from circuitkit.data.ioi import IOIDataset
 from circuitkit.errors import CircuitkitError
-from circuitkit.report import PAPER_GPT2, IOIScores, ioi_report, ioi_study
+from circuitkit.report import (
+    PAPER_GPT2,
+    IOIScores,
+    baseline_rows,
+    class_rows,
+    ioi_report,
+    ioi_study,
+)
 from circuitkit.results import Result
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -254,17 +259,7 @@ def _section_header(model_name: str, ds: IOIDataset) -> str:
 
 
 def _section_baseline(runs: dict[str, IOIScores]) -> str:
-    rows = [
-        [
-            name,
-            f"{s.logit_diff.mean():.3f}",
-            f"{_std(s.logit_diff):.3f}",
-            f"{s.accuracy.mean():.3f}",
-            f"{s.io_beats_s.mean():.3f}",
-            f"{s.prob_io.mean():.3f}",
-        ]
-        for name, s in runs.items()
-    ]
+    rows = baseline_rows(runs)
     headers = ["run", "logit diff mean", "std", "accuracy", "IO > S", "P(IO) mean"]
     return _table(headers, rows, align="<>>>>>")
 
@@ -336,18 +331,7 @@ def _section_circuit(
 ) -> str:
     n = faithful.result.n_examples or 0
     subset = f"the first {discover_n} of the {n} prompts" if discover_n < n else f"{n} prompts"
-    rows = []
-    for role, heads in circuit.classes.items():
-        effects = {n.head: n.effect for n in circuit.nodes}
-        rows.append(
-            [
-                role,
-                ", ".join(
-                    CircuitHead(h).label + ("" if effects[h] is None else f" ({effects[h]:+.2f})")
-                    for h in sorted(heads, key=lambda h: (h.layer, h.head))
-                ),
-            ]
-        )
+    rows = class_rows(circuit)
     low, high = faithful.ci(0.95)
     paper = PAPER_GPT2
     return "\n".join(
@@ -367,10 +351,6 @@ def _section_circuit(
             f"  for comparison, {paper}",
         ]
     )
-
-
-def _std(values: Tensor) -> float:
-    return float(values.std()) if values.numel() > 1 else 0.0
 
 
 def _shorten(template: str, width: int) -> str:

@@ -609,18 +609,7 @@ def ioi_report(study: IOIStudy, *, model_name: str) -> Report:
         "top-1 token), how often IO beats S and the probability of IO, on the clean prompts and "
         "on the ABC prompts scored against the clean answers.",
     )
-    rows = []
-    for name, s in (("clean", study.clean), ("ABC", study.corrupted)):
-        rows.append(
-            [
-                name,
-                f"{s.logit_diff.mean():.3f}",
-                f"{_std(s.logit_diff):.3f}",
-                f"{s.accuracy.mean():.3f}",
-                f"{s.io_beats_s.mean():.3f}",
-                f"{s.prob_io.mean():.3f}",
-            ]
-        )
+    rows = baseline_rows({"clean": study.clean, "ABC": study.corrupted})
     report.table(["run", "logit diff", "std", "accuracy", "IO > S", "P(IO)"], rows)
     rows = []
     for t, template in enumerate(ds.template_strings):
@@ -746,18 +735,7 @@ def _circuit_sections(report: Report, study: IOIStudy) -> None:
         "The circuit's heads by layer, coloured by class; arrows run from the heads that "
         "feed each class to the heads they feed, as the path-patching rounds found them.",
     )
-    rows = []
-    for role, heads in circuit.classes.items():
-        effects = {n.head: n.effect for n in circuit.nodes}
-        rows.append(
-            [
-                role,
-                ", ".join(
-                    CircuitHead(h).label + ("" if effects[h] is None else f" ({effects[h]:+.2f})")
-                    for h in sorted(heads, key=lambda h: (h.layer, h.head))
-                ),
-            ]
-        )
+    rows = class_rows(circuit)
     report.table(
         ["class", "heads at their position (path-patching effect)"],
         rows,
@@ -849,6 +827,37 @@ def _provenance_details(result: Result, name: str) -> str:
         f"<details><summary>How this was made: {html.escape(summary)} "
         f"(saved as <code>{html.escape(name)}</code>)</summary><pre>{record}</pre></details>"
     )
+
+
+def baseline_rows(runs: Mapping[str, IOIScores]) -> list[list[str]]:
+    """One row per run: its name, logit diff mean and std, accuracy, IO > S, P(IO)."""
+    return [
+        [
+            name,
+            f"{s.logit_diff.mean():.3f}",
+            f"{_std(s.logit_diff):.3f}",
+            f"{s.accuracy.mean():.3f}",
+            f"{s.io_beats_s.mean():.3f}",
+            f"{s.prob_io.mean():.3f}",
+        ]
+        for name, s in runs.items()
+    ]
+
+
+def class_rows(circuit: Circuit) -> list[list[str]]:
+    """One row per class of ``circuit``: the class and its heads at their positions, each with
+    its effect when known."""
+    effects = {n.head: n.effect for n in circuit.nodes}
+    return [
+        [
+            role,
+            ", ".join(
+                CircuitHead(h).label + ("" if effects[h] is None else f" ({effects[h]:+.2f})")
+                for h in sorted(heads, key=lambda h: (h.layer, h.head))
+            ),
+        ]
+        for role, heads in circuit.classes.items()
+    ]
 
 
 def _std(values: Tensor) -> float:
