@@ -47,7 +47,12 @@ from circuitkit.results import Result
 
 class AblationMethod(str, Enum):
     """How an ablated activation is replaced: by zero, a reference mean, or a resampled
-    reference example's activation. The plain strings "zero", "mean", "resample" work too."""
+    reference example's activation. The plain strings "zero", "mean", "resample" work too.
+
+    Example::
+
+        ck.ablate(model, ds, "head", ck.AblationMethod.MEAN, reference=ds.corrupted("ABC"))
+    """
 
     ZERO = "zero"
     MEAN = "mean"
@@ -97,7 +102,7 @@ def ablate(
     Example::
 
         abc = ds.corrupted("ABC")
-        result = ck.ablate(model, ds, [ck.Head(9, 9), ck.Head(9, 6)], method="mean",
+        result = ck.ablate(model, ds, [ck.Head(23, 2), ck.Head(23, 0)], method="mean",
                            reference=abc, metric=ck.metrics.logit_diff(ds))
         result.values            # tensor([unablated mean, ablated mean])
     """

@@ -68,8 +68,8 @@ def attention_scores(
     Example::
 
         scores = ck.attention_scores(model, ds, query="end", keys=["IO", "S1", "S2"])
-        scores.values[9, 9]          # how much head 9.9 attends from end to IO, S1 and S2
-        ck.attention_scores(model, ds, "S2", ["S1", "S1+1"], heads=[ck.Head(5, 5)])
+        scores.values[23, 2]          # how much head 23.2 attends from end to IO, S1 and S2
+        ck.attention_scores(model, ds, "S2", ["S1", "S1+1"], heads=[ck.Head(17, 4)])
     """
     where = "attention_scores"
     tokens, positions = as_tokens(ds, "ds", where)

@@ -296,6 +296,11 @@ class NeuronIntervention:
             read position, or ``[batch, pos, d_vocab]`` with ``read="all"``.
         intervened_probs: the same with the neuron scaled.
         kl: KL(clean || intervened) of each distribution, ``[batch]`` or ``[batch, pos]``.
+
+    Example::
+
+        out = ck.intervene_on_neuron(model, "The Eiffel Tower is in the city of", 20, 1000)
+        out.kl, out.top_changes(5)         # [(token id, change in probability), ...]
     """
 
     neuron: Neuron
@@ -413,6 +418,13 @@ class CausalTrace:
         noise_std: the standard deviation of the added noise (``noise`` times the std of the
             embedding matrix's values).
         seed: the seed of the noise.
+
+    Example::
+
+        trace = ck.causal_trace(model, "The Eiffel Tower is located in the city of",
+                                "Eiffel Tower", " Paris")
+        trace.clean_prob, trace.corrupted_prob
+        ck.plot(trace)
     """
 
     scores: Result
@@ -811,6 +823,13 @@ class CausalEffects:
             much of the total effect those activations keep on their own.
         measure: "prob" or "logit_diff".
         total_by_example: the total effect of each example, ``[n]``.
+
+    Example::
+
+        effects = ck.causal_effects(model, "The capital of France is",
+                                    "The capital of Japan is", " Tokyo")
+        effects.total, effects.base_value, effects.source_value
+        ck.plot(effects.direct["mlp"])
     """
 
     total: float

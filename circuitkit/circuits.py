@@ -80,6 +80,12 @@ class CircuitHead:
             (``Head(9, 9)`` alone acts at every position).
         role: its class, such as "name mover" (``IOI_CLASSES``), or "".
         effect: the effect that put it in the circuit (a path-patching effect), or None.
+
+    Example::
+
+        node = ck.CircuitHead(ck.Head(23, 2).at("end"), "name mover")
+        node.label                         # '23.2@end'
+        ck.Circuit(nodes=(node,), name="one head")
     """
 
     head: Head
@@ -119,14 +125,14 @@ class Circuit:
 
         circuit = ck.Circuit.from_classes(
             {
-                "name mover": [ck.Head(9, 9).at("end"), ck.Head(9, 6).at("end")],
-                "s-inhibition": [ck.Head(8, 6).at("end")],
-                "induction": [ck.Head(5, 5).at("S2")],
+                "name mover": [ck.Head(23, 2).at("end"), ck.Head(23, 0).at("end")],
+                "s-inhibition": [ck.Head(20, 0).at("end")],
+                "induction": [ck.Head(17, 4).at("S2")],
             },
             name="IOI",
         )
         len(circuit)             # 4 heads
-        circuit.heads            # (Head(5, 5), Head(8, 6), Head(9, 6), Head(9, 9))
+        circuit.heads            # (Head(17, 4), Head(20, 0), Head(23, 0), Head(23, 2))
         circuit.to_dataframe()
         ck.faithfulness(model, circuit, ds, reference=ds.corrupted("ABC"))
     """
@@ -178,8 +184,8 @@ class Circuit:
 
         Example::
 
-            ck.Circuit.from_classes({"name mover": [ck.Head(9, 9).at("end")],
-                                     "induction": [ck.Head(5, 5).at("S2")]})
+            ck.Circuit.from_classes({"name mover": [ck.Head(23, 2).at("end")],
+                                     "induction": [ck.Head(17, 4).at("S2")]})
         """
         effects = effects or {}
         nodes = [
@@ -287,6 +293,12 @@ class Faithfulness:
         n_heads: the number of distinct heads in the circuit.
         result: the runs behind it: axis "run" = ("model", "circuit"), per-example values in
             ``examples`` and ``provenance``.
+
+    Example::
+
+        f = ck.faithfulness(model, circuit, ds, reference=ds.corrupted("ABC"))
+        f.ratio, f.f_circuit, f.f_model
+        f.result.ci()                      # bootstrap intervals of F(M) and F(C)
     """
 
     ratio: float

@@ -80,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ioi.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
     ioi.add_argument(
-        "--n", type=_positive_int, default=None, help="number of prompts (100; 20 with --quick)"
+        "--n",
+        type=_positive_int,
+        default=None,
+        help=f"number of prompts ({DEFAULT_N}; {QUICK_N} with --quick)",
     )
     ioi.add_argument("--seed", type=int, default=0, help="dataset seed (0)")
     ioi.add_argument("--device", default=None, help="torch device (the model's default)")

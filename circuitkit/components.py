@@ -60,7 +60,14 @@ def _check_pos(pos: PosSpec) -> PosSpec:
 
 @dataclass(frozen=True)
 class Component:
-    """Base of all component addresses. Subclasses fix the hook and the unit selection."""
+    """Base of all component addresses. Subclasses fix the hook and the unit selection.
+
+    Example::
+
+        ck.Head(23, 2).at("end")           # one head's output at the last token
+        ck.Resid(3, "mid", pos=[4, 5])     # the residual stream mid-block 3, two positions
+        ck.MLP(0).hook_name(model)         # 'blocks.0.hook_mlp_out'
+    """
 
     def hook_name(self, model: HookedTransformer) -> str:
         raise NotImplementedError
@@ -119,7 +126,13 @@ class Component:
 
 @dataclass(frozen=True)
 class Embed(Component):
-    """The token embeddings (``hook_embed``)."""
+    """The token embeddings (``hook_embed``).
+
+    Example::
+
+        ck.run_interventions(model, ds.tokens, [ck.Intervention(ck.Embed(pos="S2"), ck.Zero())],
+                             ck.metrics.logit_diff(ds), positions=ds.positions)
+    """
 
     pos: PosSpec = None
 
@@ -136,7 +149,13 @@ class Embed(Component):
 
 @dataclass(frozen=True)
 class PosEmbed(Component):
-    """The learned positional embeddings (``hook_pos_embed``)."""
+    """The learned positional embeddings (``hook_pos_embed``); models with rotary or
+    shortformer positions have none.
+
+    Example::
+
+        ck.Intervention(ck.PosEmbed(pos="end"), ck.Zero())
+    """
 
     pos: PosSpec = None
 
@@ -154,7 +173,14 @@ class PosEmbed(Component):
 @dataclass(frozen=True)
 class Resid(Component):
     """The residual stream of ``layer``: before its block ("pre"), between attention and MLP
-    ("mid") or after the block ("post")."""
+    ("mid") or after the block ("post").
+
+    Example::
+
+        ck.Resid(5)                        # entering block 5, every position
+        ck.Resid(5, "post").at("S2")       # leaving block 5, at the second S
+        ck.activation_patching(model, ds, ds.corrupted("ABC"), "resid_pre", per_position=True)
+    """
 
     layer: int
     where: Literal["pre", "mid", "post"] = "pre"
@@ -177,7 +203,12 @@ class Resid(Component):
 
 @dataclass(frozen=True)
 class Attn(Component):
-    """The output of attention layer ``layer`` (all heads together, biases included)."""
+    """The output of attention layer ``layer`` (all heads together, biases included).
+
+    Example::
+
+        ck.ablate(model, ds, [ck.Attn(9), ck.Attn(10)], "mean", reference=ds.corrupted("ABC"))
+    """
 
     layer: int
     pos: PosSpec = None
@@ -195,7 +226,12 @@ class Attn(Component):
 
 @dataclass(frozen=True)
 class MLP(Component):
-    """The output of MLP layer ``layer``."""
+    """The output of MLP layer ``layer``.
+
+    Example::
+
+        ck.ablate(model, ds, ck.MLP(0).at("S1"), "zero")
+    """
 
     layer: int
     pos: PosSpec = None
@@ -213,7 +249,14 @@ class MLP(Component):
 
 @dataclass(frozen=True)
 class Neuron(Component):
-    """One MLP neuron: its activation after the nonlinearity (``mlp.hook_post``)."""
+    """One MLP neuron: its activation after the nonlinearity (``mlp.hook_post``).
+
+    Example::
+
+        neuron = ck.Neuron(10, 1234, pos="end")
+        ck.run_interventions(model, ds.tokens, [ck.Intervention(neuron, ck.Scale(2.0))],
+                             ck.metrics.logit_diff(ds), positions=ds.positions)
+    """
 
     layer: int
     neuron: int
@@ -256,6 +299,13 @@ class Head(Component):
     ``Head(9, 9)`` is the head's output before the output projection; ``Head(9, 9).q`` its
     queries, ``.k`` / ``.v`` its keys / values (the shared key/value head in a grouped-query
     model), ``.pattern`` its attention pattern.
+
+    Example::
+
+        ck.Head(23, 2)                     # output z, every position
+        ck.Head(23, 2).q.at("end")         # its query at the last token
+        ck.ablate(model, ds, [ck.Head(23, 2), ck.Head(23, 0)], "mean",
+                  reference=ds.corrupted("ABC"))
     """
 
     layer: int

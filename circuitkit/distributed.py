@@ -102,6 +102,11 @@ def share_runs(
 
     Runs with the same start (first layer and first position they touch) stay together; the
     groups are handed out largest first, each to the process with the least work so far.
+
+    Example::
+
+        runs = [[ck.Intervention(ck.Head(layer, 0), ck.Zero())] for layer in range(4)]
+        share_runs(model, n_pos=15, runs=runs, world=2)     # e.g. [[0, 3], [1, 2]]
     """
     n_layers = model.cfg.n_layers
     groups: dict[tuple[int, int], list[int]] = {}

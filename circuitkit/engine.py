@@ -69,45 +69,85 @@ from circuitkit.metrics import Metric, check_metric_output, check_metric_shape
 
 @dataclass(frozen=True, eq=False)
 class Value:
-    """What an intervention puts into the selected entries of an activation."""
+    """What an intervention puts into the selected entries of an activation: ``Patch``,
+    ``Zero``, ``SetTo``, ``Scale`` or ``Add``.
+
+    Example::
+
+        ck.Intervention(ck.Head(23, 2), ck.Scale(0.0))
+    """
 
 
 @dataclass(frozen=True, eq=False)
 class Patch(Value):
-    """Another run's activation: ``source`` has the activation's full shape ``[n, ...]``."""
+    """Another run's activation: ``source`` has the activation's full shape ``[n, ...]``.
+
+    Example::
+
+        _, clean_cache = model.run_with_cache(ds.tokens)
+        ck.Intervention(ck.Head(23, 2), ck.Patch(clean_cache["blocks.23.attn.hook_z"]))
+    """
 
     source: Tensor = field(repr=False)
 
 
 @dataclass(frozen=True, eq=False)
 class Zero(Value):
-    """Zero (zero ablation)."""
+    """Zero (zero ablation).
+
+    Example::
+
+        ck.Intervention(ck.MLP(0), ck.Zero())
+    """
 
 
 @dataclass(frozen=True, eq=False)
 class SetTo(Value):
-    """A given tensor, broadcast to the activation's shape (a mean, a direction)."""
+    """A given tensor, broadcast to the activation's shape (a mean, a direction).
+
+    Example::
+
+        mean = abc_cache["blocks.23.attn.hook_z"].mean(0)        # [pos, head, d_head]
+        ck.Intervention(ck.Head(23, 2), ck.SetTo(mean))
+    """
 
     value: Tensor = field(repr=False)
 
 
 @dataclass(frozen=True, eq=False)
 class Scale(Value):
-    """The activation itself, multiplied by ``factor`` (0 ablates, 2 doubles)."""
+    """The activation itself, multiplied by ``factor`` (0 ablates, 2 doubles).
+
+    Example::
+
+        ck.Intervention(ck.Neuron(10, 1234), ck.Scale(2.0))
+    """
 
     factor: float
 
 
 @dataclass(frozen=True, eq=False)
 class Add(Value):
-    """The activation plus ``delta``, broadcast to its shape (noise, a steering vector)."""
+    """The activation plus ``delta``, broadcast to its shape (noise, a steering vector).
+
+    Example::
+
+        ck.Intervention(ck.Resid(6).at("end"), ck.Add(4.0 * direction))    # direction: [d_model]
+    """
 
     delta: Tensor = field(repr=False)
 
 
 @dataclass(frozen=True)
 class Intervention:
-    """Put ``value`` into ``component`` (an address from ``circuitkit.components``)."""
+    """Put ``value`` into ``component`` (an address from ``circuitkit.components``).
+
+    Example::
+
+        run = [ck.Intervention(ck.Head(23, 2), ck.Zero()),
+               ck.Intervention(ck.Head(23, 0), ck.Zero())]
+        ck.run_interventions(model, ds.tokens, [run], ck.metrics.logit_diff(ds))   # [1, n]
+    """
 
     component: Component
     value: Value
@@ -187,9 +227,9 @@ def run_interventions(
 
     Example::
 
-        z9 = clean_cache["blocks.9.attn.hook_z"]
+        z23 = clean_cache["blocks.23.attn.hook_z"]
         values = run_interventions(model, corrupted_tokens,
-                                   [Intervention(Head(9, 9), Patch(z9))], metric)
+                                   [Intervention(Head(23, 2), Patch(z23))], metric)
     """
     where = "run_interventions"
     runs_list = _check_runs(model, runs, where)
@@ -242,9 +282,9 @@ def record_activations(
 
     Example::
 
-        z9 = corrupted_cache["blocks.9.attn.hook_z"]
+        z23 = corrupted_cache["blocks.23.attn.hook_z"]
         [q10] = record_activations(model, clean_tokens,
-                                   [Intervention(Head(9, 9), Patch(z9))], [Head(10, 7).q])
+                                   [Intervention(Head(23, 2), Patch(z23))], [Head(24, 4).q])
         q10.shape    # [1, n, pos, n_heads, d_head]
     """
     where = "record_activations"

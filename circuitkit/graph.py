@@ -117,6 +117,13 @@ class Edge:
         sender: ``ck.Embed()``, a head's output ``ck.Head(l, h)`` or an MLP's ``ck.MLP(l)``.
         receiver: a head's input ``ck.Head(l, h).q`` / ``.k`` / ``.v``, an MLP's input
             ``ck.MLP(l)``, or ``"logits"``.
+
+    Example::
+
+        ck.Edge(ck.Head(23, 2), "logits")
+        ck.Edge(ck.Head(17, 4), ck.Head(23, 2).k)
+        ck.patch_edges(model, ds, [[ck.Edge(ck.Embed(), ck.MLP(0))]], ck.metrics.logit_diff(ds),
+                       replacement=ck.sender_outputs(model, ds.corrupted("ABC")).mean())
     """
 
     sender: Component
@@ -413,6 +420,12 @@ class SenderOutputs:
         mlp_out: one [n, pos, d_model] per layer (none in an attention-only model).
 
     ``n`` is 1 after ``mean()``; such outputs serve as the replacement for a base of any size.
+
+    Example::
+
+        outputs = ck.sender_outputs(model, ds.corrupted("ABC"))
+        outputs.z[9].shape                 # [n, pos, n_heads, d_head]
+        mean = outputs.mean()              # n = 1
     """
 
     embed: Float[Tensor, "n pos d_model"]
@@ -529,7 +542,7 @@ def patch_edges(
 
         graph = ck.Graph.of(model)
         mean = ck.sender_outputs(model, abc).mean()
-        circuit = graph.mask([ck.Edge(ck.Head(9, 6), "logits"), ...])
+        circuit = graph.mask([ck.Edge(ck.Head(23, 0), "logits"), ck.Edge(ck.Embed(), "logits")])
         ablated = graph.valid & ~circuit              # every edge outside the circuit
         model_only, circuit_only = ck.patch_edges(model, ds, [[], ablated], metric,
                                                   replacement=mean)
@@ -944,8 +957,8 @@ class EdgeScores(Result):
     Example::
 
         scores = ck.edge_attribution_patching(model, ds, abc, metric, method="eap-ig")
-        scores.top_edges(5)           # [(Edge(Head(9, 9) -> logits), -0.81), ...]
-        scores.score(ck.Edge(ck.Head(9, 9), "logits"))
+        scores.top_edges(5)           # [(Edge(Head(23, 2) -> logits), 0.81), ...]
+        scores.score(ck.Edge(ck.Head(23, 2), "logits"))
         scores.to_dataframe().head()  # receiver, sender, value, sem
     """
 

@@ -36,6 +36,15 @@ class Metric:
         name: a short label used in results and plots ("logit_diff").
         positions: [n] index of the position read in each example.
         fn: ``logits_at [..., n, d_vocab] -> [..., n]``, the metric on the gathered logits.
+
+    Reading one position per example lets the engine unembed that position alone.
+
+    Example::
+
+        paris = model.to_single_token(" Paris")
+        last = torch.full((n,), tokens.shape[1] - 1)
+        metric = ck.metrics.Metric("logit_paris", last, lambda at: at[..., paris])
+        metric(model(tokens))                # [n]
     """
 
     name: str
@@ -75,6 +84,10 @@ def check_metric_shape(values: Tensor, n: int, where: str) -> Tensor:
 
     Unlike ``check_metric_output`` it does not read the values, so on a GPU it does not wait
     for them to be computed.
+
+    Example::
+
+        check_metric_shape(my_metric(logits), n, "my_method")   # MetricError unless shape (n,)
     """
     if not isinstance(values, Tensor) or values.shape != (n,):
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
@@ -85,7 +98,12 @@ def check_metric_shape(values: Tensor, n: int, where: str) -> Tensor:
 
 
 def check_metric_output(values: Tensor, n: int, where: str) -> Tensor:
-    """Raise a MetricError unless ``values`` is a finite [n] tensor; return it."""
+    """Raise a MetricError unless ``values`` is a finite [n] tensor; return it.
+
+    Example::
+
+        check_metric_output(torch.tensor([1.0, float("nan")]), 2, "my_method")   # MetricError
+    """
     check_metric_shape(values, n, where)
     if not torch.isfinite(values).all():
         raise MetricError(f"{where}: the metric returned NaN or infinite values: {values}")

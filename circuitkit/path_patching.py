@@ -130,7 +130,7 @@ def path_patching(
         metric = ck.metrics.logit_diff(ds)
         direct = ck.path_patching(model, ds, ds.corrupted("ABC"), "heads", "logits", metric)
         to_queries = ck.path_patching(model, ds, ds.corrupted("ABC"), "heads",
-                                      [ck.Head(9, 6).q.at("end"), ck.Head(9, 9).q.at("end")])
+                                      [ck.Head(23, 0).q.at("end"), ck.Head(23, 2).q.at("end")])
         ck.plot(to_queries)
     """
     if direction not in ("noise", "denoise"):

@@ -139,8 +139,10 @@ def fingerprint(model: torch.nn.Module) -> str:
     Example::
 
         before = ck.provenance.fingerprint(model)
-        model.W_O.data[9, 9] = 0
+        saved = model.W_O.data[23, 2].clone()
+        model.W_O.data[23, 2] = 0
         ck.provenance.fingerprint(model) != before      # True
+        model.W_O.data[23, 2] = saved
     """
     params = list(model.named_parameters())
     threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(params)))
@@ -161,13 +163,23 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 def tensor_digest(tensor: Tensor) -> str:
-    """The SHA-256 (hex) of a tensor's bytes in row-major order, on any device and dtype."""
+    """The SHA-256 (hex) of a tensor's bytes in row-major order, on any device and dtype.
+
+    Example::
+
+        tensor_digest(ds.tokens) == tensor_digest(ds.tokens.clone())   # True
+    """
     flat = tensor.detach().reshape(-1).contiguous().cpu()
     return hashlib.sha256(memoryview(flat.view(torch.uint8).numpy())).hexdigest()
 
 
 def describe(value: Any) -> Any:
-    """``value`` written down as JSON: see the module docstring for each kind of value."""
+    """``value`` written down as JSON: see the module docstring for each kind of value.
+
+    Example::
+
+        describe({"n": 100, "tokens": ds.tokens})   # {'n': 100, 'tokens': {'tensor': [...], ...}}
+    """
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -198,7 +210,12 @@ def describe(value: Any) -> Any:
 
 
 def metric_name(metric: Any) -> str:
-    """A metric's short name: ``Metric.name``, a function's ``__name__``, or its type."""
+    """A metric's short name: ``Metric.name``, a function's ``__name__``, or its type.
+
+    Example::
+
+        metric_name(ck.metrics.logit_diff(ds))      # 'logit_diff'
+    """
     return str(getattr(metric, "name", None) or getattr(metric, "__name__", type(metric).__name__))
 
 

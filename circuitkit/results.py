@@ -12,7 +12,7 @@ itself. ``examples`` keeps the per-example values (one more trailing axis, ``"ex
     result.axes                  # ("layer", "head")
     result.top(5)                # the five largest effects, labelled
     result.ci(0.95)              # (low, high): a bootstrap interval per cell
-    result.compare({"layer": 9, "head": 9}, {"layer": 9, "head": 6})   # paired test
+    result.compare({"layer": 23, "head": 2}, {"layer": 23, "head": 0})   # paired test
     result.to_dataframe()        # one row per cell: layer, head, value, sem
     result.save("heads")         # heads/result.json + heads/result.safetensors
     ck.Result.load("heads")      # the same result again
@@ -88,6 +88,15 @@ class Result:
         method: the method that produced the result ("activation_patching", ...).
         info: details of the result (baselines, direction, components).
         provenance: how the result was made (``circuitkit.provenance.record``), or empty.
+
+    Example::
+
+        result = ck.activation_patching(model, ds, ds.corrupted("ABC"), "head")
+        result.axes                        # ('layer', 'head')
+        result.top(5)                      # the five largest cells, with their labels
+        result.to_dataframe()              # one row per cell: layer, head, value, sem
+        ck.plot(result)
+        result.save("heads.pt"); ck.Result.load("heads.pt")
     """
 
     values: Tensor
@@ -197,7 +206,7 @@ class Result:
 
         Example::
 
-            c = result.compare({"layer": 9, "head": 9}, {"layer": 9, "head": 6})
+            c = result.compare({"layer": 23, "head": 2}, {"layer": 23, "head": 0})
             c.difference, (c.ci_low, c.ci_high), c.p_value
         """
         where = "Result.compare"
@@ -539,6 +548,11 @@ class Comparison:
         p_value: two-sided p-value of the sign-flip permutation test of "no difference".
         n: the number of examples.
         test: how the p-value was computed (exact or with random sign patterns).
+
+    Example::
+
+        comparison = result.compare({"layer": 23, "head": 2}, {"layer": 23, "head": 0})
+        comparison.difference, (comparison.ci_low, comparison.ci_high), comparison.p_value
     """
 
     a: dict[str, str]
@@ -565,7 +579,7 @@ def compare(result: Result, a: Cell, b: Cell, **kwargs: Any) -> Comparison:
 
     Example::
 
-        ck.compare(result, {"layer": 9, "head": 9}, {"layer": 9, "head": 6})
+        ck.compare(result, {"layer": 23, "head": 2}, {"layer": 23, "head": 0})
     """
     if not isinstance(result, Result):
         raise CircuitkitError(f"compare: expected a Result, got {type(result).__name__}")
