@@ -14,7 +14,9 @@ position). The metric is a logit difference between two random tokens at the las
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -23,10 +25,14 @@ from transformer_lens import patching as tl_patching
 import circuitkit as ck
 from circuitkit.metrics import Metric
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import run_flops  # noqa: E402
+
 SWEEPS = {
-    # name: (circuitkit component kind, TransformerLens function, axes permutation of TL's)
-    "resid": ("resid_pre", tl_patching.get_act_patch_resid_pre, None),
-    "head": ("head", tl_patching.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
+    # name: (circuitkit component kind, TransformerLens function, axes permutation of TL's,
+    #        whether the patched block computes the patched position alone)
+    "resid": ("resid_pre", tl_patching.get_act_patch_resid_pre, None, False),
+    "head": ("head", tl_patching.get_act_patch_attn_head_out_by_pos, (0, 2, 1), True),
 }
 
 
@@ -57,6 +63,20 @@ def logit_diff_metric(n: int, n_pos: int, vocab: int, generator: torch.Generator
         return (pick(right) - pick(wrong))[..., 0]
 
     return Metric("logit_diff", torch.full((n,), n_pos - 1), fn)
+
+
+def work(cfg, n: int, n_pos: int, units: int, alone: bool) -> tuple[float, float]:
+    """Floating-point operations of a by-layer-and-position sweep with ``units`` patches per
+    layer and position: as the engine computes it, and as transformer_lens.patching does (a
+    whole forward per patch, logits at every position)."""
+    last = cfg.n_layers - 1
+    engine = sum(
+        units * run_flops(cfg, n, n_pos, layer, pos, alone=alone, read=layer < last)
+        for layer in range(cfg.n_layers)
+        for pos in range(n_pos)
+    )
+    forward = run_flops(cfg, n, n_pos, 0, 0) + n * (n_pos - 1) * 2 * cfg.d_model * cfg.d_vocab
+    return engine, cfg.n_layers * n_pos * units * forward
 
 
 def synchronize(device: str) -> None:
@@ -90,7 +110,7 @@ def main() -> None:
     )
     total_ck = total_tl = 0.0
     for name in args.sweeps:
-        kind, tl_fn, order = SWEEPS[name]
+        kind, tl_fn, order, alone = SWEEPS[name]
         synchronize(args.device)
         start = time.perf_counter()
         result = ck.activation_patching(
@@ -113,6 +133,14 @@ def main() -> None:
             f"{name:>5} x pos: {patches} patches | circuitkit {ck_seconds:8.2f} s | "
             f"transformer_lens {tl_seconds:8.2f} s | max |difference| {difference:.2e} | "
             f"{tl_seconds / ck_seconds:6.1f}x"
+        )
+        units = model.cfg.n_heads if name == "head" else 1
+        ck_flop, tl_flop = work(model.cfg, args.n, args.pos, units, alone)
+        print(
+            f"{'':>5}   work: circuitkit {ck_flop / 1e12:.2f} TFLOP, transformer_lens "
+            f"{tl_flop / 1e12:.2f} TFLOP ({tl_flop / ck_flop:.1f}x as much); speed: circuitkit "
+            f"{ck_flop / ck_seconds / 1e9:.0f} GFLOP/s, transformer_lens "
+            f"{tl_flop / tl_seconds / 1e9:.0f} GFLOP/s"
         )
         total_ck += ck_seconds
         total_tl += tl_seconds
