@@ -127,3 +127,8 @@ def test_the_argument_check_catches_a_wrong_keyword():
         )
     with pytest.raises(AttributeError):
         test_examples_call_real_functions_with_accepted_arguments("ck.activation_pathcing()")
+
+
+def test_all_names_each_public_object_once():
+    assert len(ck.__all__) == len(set(ck.__all__))
+    assert all(hasattr(ck, name) for name in ck.__all__)
