@@ -26,7 +26,7 @@ import circuitkit as ck
 from circuitkit.metrics import Metric
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import run_flops  # noqa: E402
+from bench_gpu import run_flops, sweep_flops  # noqa: E402
 
 SWEEPS = {
     # name: (circuitkit component kind, TransformerLens function, axes permutation of TL's,
@@ -65,16 +65,18 @@ def logit_diff_metric(n: int, n_pos: int, vocab: int, generator: torch.Generator
     return Metric("logit_diff", torch.full((n,), n_pos - 1), fn)
 
 
-def work(cfg, n: int, n_pos: int, units: int, alone: bool) -> tuple[float, float]:
+def work(
+    model: HookedTransformer, n: int, n_pos: int, units: int, alone: bool
+) -> tuple[float, float]:
     """Floating-point operations of a by-layer-and-position sweep with ``units`` patches per
     layer and position: as the engine computes it, and as transformer_lens.patching does (a
     whole forward per patch, logits at every position)."""
+    cfg = model.cfg
     last = cfg.n_layers - 1
-    engine = sum(
-        units * run_flops(cfg, n, n_pos, layer, pos, alone=alone, read=layer < last)
-        for layer in range(cfg.n_layers)
-        for pos in range(n_pos)
-    )
+    starts = [
+        (layer, pos, alone, layer < last) for layer in range(cfg.n_layers) for pos in range(n_pos)
+    ]
+    engine = units * sweep_flops(model, n, n_pos, starts)
     forward = run_flops(cfg, n, n_pos, 0, 0) + n * (n_pos - 1) * 2 * cfg.d_model * cfg.d_vocab
     return engine, cfg.n_layers * n_pos * units * forward
 
@@ -134,8 +136,8 @@ def main() -> None:
             f"transformer_lens {tl_seconds:8.2f} s | max |difference| {difference:.2e} | "
             f"{tl_seconds / ck_seconds:6.1f}x"
         )
-        units = model.cfg.n_heads if name == "head" else 1
-        ck_flop, tl_flop = work(model.cfg, args.n, args.pos, units, alone)
+        units = patches // (model.cfg.n_layers * args.pos)  # patches per layer and position
+        ck_flop, tl_flop = work(model, args.n, args.pos, units, alone)
         print(
             f"{'':>5}   work: circuitkit {ck_flop / 1e12:.2f} TFLOP, transformer_lens "
             f"{tl_flop / 1e12:.2f} TFLOP ({tl_flop / ck_flop:.1f}x as much); speed: circuitkit "
