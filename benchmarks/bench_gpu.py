@@ -48,8 +48,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit import engine
-from circuitkit.metrics import Metric
+from circuitkit.core import engine
+from circuitkit.core.metrics import Metric
 
 MODES = ("float32", "tf32", "bfloat16")
 
@@ -289,7 +289,7 @@ def timeline(fn: Callable[[], object], device: str) -> dict:
     """When the engine started its first chunk and had queued its last one, against the whole
     call's time (an unprofiled run)."""
     marks: list[float] = []
-    run_blocks, read_metric = engine._run_blocks, engine._read_metric
+    run_blocks, read_metric = engine.run_blocks, engine.read_metric
 
     def first_block(*args, **kwargs):
         if not marks:
@@ -301,7 +301,7 @@ def timeline(fn: Callable[[], object], device: str) -> dict:
         marks[1:] = [time.perf_counter()]
         return out
 
-    engine._run_blocks, engine._read_metric = first_block, last_metric
+    engine.run_blocks, engine.read_metric = first_block, last_metric
     try:
         synchronize(device)
         start = time.perf_counter()
@@ -309,7 +309,7 @@ def timeline(fn: Callable[[], object], device: str) -> dict:
         synchronize(device)
         wall = time.perf_counter() - start
     finally:
-        engine._run_blocks, engine._read_metric = run_blocks, read_metric
+        engine.run_blocks, engine.read_metric = run_blocks, read_metric
     return {
         "first_chunk_started_s": marks[0] - start,
         "last_chunk_queued_s": marks[-1] - start,
@@ -541,7 +541,7 @@ def main() -> None:
             finally:
                 engine._FUSED_BLOCKS = True
 
-    if importlib.util.find_spec("circuitkit.attribution_patching") is not None:
+    if importlib.util.find_spec("circuitkit.methods.attribution_patching") is not None:
         exact = references["head x pos"]
         for mode in args.modes:
             model = models[mode]
@@ -581,7 +581,7 @@ def main() -> None:
             rows.append(row)
             print(row.line() + "  (difference: the approximation's error)", flush=True)
     else:
-        print("attribution patching: skipped (circuitkit.attribution_patching is not available)")
+        print("attribution patching: skipped (circuitkit.methods.attribution_patching is missing)")
 
     per_patch = {r.sweep: r.seconds / r.patches for r in rows if r.mode == "float32"}
     if {"path: 144 heads -> logits", "head (all positions)", "head x pos"} <= set(per_patch):

@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit.metrics import Metric
+from circuitkit.core.metrics import Metric
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import run_flops, sweep_flops  # noqa: E402

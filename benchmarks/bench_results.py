@@ -20,8 +20,8 @@ import time
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuitkit import provenance
-from circuitkit.results import Result
+from circuitkit.core import provenance
+from circuitkit.core.results import Result
 
 
 def smollm_shaped(device: str) -> HookedTransformer:

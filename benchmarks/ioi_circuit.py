@@ -27,7 +27,7 @@ import time
 import torch
 
 import circuitkit as ck
-from circuitkit.cli import _table
+from circuitkit.interface.ioi_summary import table as _table
 
 PAPER = {"heads": 26, "model": 3.56, "circuit": 3.10}
 

@@ -22,8 +22,8 @@ import argparse
 import time
 
 import circuitkit as ck
-from circuitkit.causal_tracing import find_subject
 from circuitkit.data import FACTS
+from circuitkit.methods.causal_tracing import find_subject
 
 KINDS = ("resid", "mlp", "attn")
 

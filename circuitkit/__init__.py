@@ -9,62 +9,169 @@ Example::
     ck.plot(result)
 """
 
-from circuitkit import distributed, metrics, provenance
-from circuitkit.ablation import AblationMethod, ablate, ablation_sweep
-from circuitkit.attention import attention_head_scores, attention_scores
-from circuitkit.attribution import direct_logit_attribution, logit_lens
-from circuitkit.attribution_patching import attribution_patching, edge_attribution_patching
-from circuitkit.causal_tracing import (
-    CausalEffects,
-    CausalTrace,
-    NeuronIntervention,
-    average_indirect_effect,
-    causal_effects,
-    causal_trace,
-    intervene_on_neuron,
-    trace_token_probability,
-)
-from circuitkit.circuits import (
-    Circuit,
-    CircuitHead,
-    Faithfulness,
-    completeness,
-    faithfulness,
-    find_ioi_circuit,
-    minimality,
-)
-from circuitkit.components import MLP, Attn, Component, Embed, Head, Neuron, PosEmbed, Resid
-from circuitkit.data.ioi import IOIDataset
-from circuitkit.discovery import discover_circuit
-from circuitkit.engine import (
-    Add,
-    Intervention,
-    Patch,
-    Scale,
-    SetTo,
-    Zero,
-    record_activations,
-    run_interventions,
-    tf32,
-)
-from circuitkit.errors import (
-    CircuitkitError,
-    ComponentError,
-    MetricError,
-    ModelLoadError,
-    ResultFileError,
-    ShapeError,
-    TokenizationError,
-)
-from circuitkit.graph import Edge, EdgeScores, Graph, SenderOutputs, patch_edges, sender_outputs
-from circuitkit.models import load_model, load_tokenizer, tiny_model
-from circuitkit.patching import activation_patching
-from circuitkit.path_patching import path_patching
-from circuitkit.plot import plot, plot_causal_trace
-from circuitkit.plot_circuit import plot_circuit
-from circuitkit.results import Comparison, Result, compare
+import importlib
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0.dev0"
+from circuitkit import _moved
+from circuitkit.core.version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from circuitkit.circuits.circuit import Circuit, CircuitHead
+    from circuitkit.circuits.discovery import discover_circuit
+    from circuitkit.circuits.faithfulness import (
+        Faithfulness,
+        completeness,
+        faithfulness,
+        minimality,
+    )
+    from circuitkit.circuits.ioi_circuit import find_ioi_circuit
+    from circuitkit.core import distributed, metrics, provenance
+    from circuitkit.core.components import (
+        MLP,
+        Attn,
+        Component,
+        Embed,
+        Head,
+        Neuron,
+        PosEmbed,
+        Resid,
+    )
+    from circuitkit.core.engine import record_activations, run_interventions, tf32
+    from circuitkit.core.errors import (
+        CircuitkitError,
+        ComponentError,
+        MetricError,
+        ModelLoadError,
+        ResultFileError,
+        ShapeError,
+        TokenizationError,
+    )
+    from circuitkit.core.graph import Edge, EdgeScores, Graph, SenderOutputs, sender_outputs
+    from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero
+    from circuitkit.core.models import load_model, load_tokenizer, tiny_model
+    from circuitkit.core.results import Comparison, Result, compare
+    from circuitkit.data.ioi import IOIDataset
+    from circuitkit.interface.plot import plot, plot_causal_trace
+    from circuitkit.interface.plot_circuit import plot_circuit
+    from circuitkit.methods.ablation import AblationMethod, ablate, ablation_sweep
+    from circuitkit.methods.activation_patching import activation_patching
+    from circuitkit.methods.attention_scores import attention_head_scores, attention_scores
+    from circuitkit.methods.attribution_patching import (
+        attribution_patching,
+        edge_attribution_patching,
+    )
+    from circuitkit.methods.causal_effects import CausalEffects, causal_effects
+    from circuitkit.methods.causal_tracing import CausalTrace, average_indirect_effect, causal_trace
+    from circuitkit.methods.edge_patching import patch_edges
+    from circuitkit.methods.logit_attribution import direct_logit_attribution, logit_lens
+    from circuitkit.methods.neuron_interventions import (
+        NeuronIntervention,
+        intervene_on_neuron,
+        trace_token_probability,
+    )
+    from circuitkit.methods.path_patching import path_patching
+
+# The module each public name comes from. ``import circuitkit`` loads none of
+# them: each is imported the first time it is used, so the ``circuitkit`` command answers
+# ``--help`` at once and a notebook pays for torch and TransformerLens only when it runs a method.
+_PUBLIC = {
+    "Circuit": "circuitkit.circuits.circuit",
+    "CircuitHead": "circuitkit.circuits.circuit",
+    "discover_circuit": "circuitkit.circuits.discovery",
+    "Faithfulness": "circuitkit.circuits.faithfulness",
+    "completeness": "circuitkit.circuits.faithfulness",
+    "faithfulness": "circuitkit.circuits.faithfulness",
+    "minimality": "circuitkit.circuits.faithfulness",
+    "find_ioi_circuit": "circuitkit.circuits.ioi_circuit",
+    "Attn": "circuitkit.core.components",
+    "Component": "circuitkit.core.components",
+    "Embed": "circuitkit.core.components",
+    "Head": "circuitkit.core.components",
+    "MLP": "circuitkit.core.components",
+    "Neuron": "circuitkit.core.components",
+    "PosEmbed": "circuitkit.core.components",
+    "Resid": "circuitkit.core.components",
+    "record_activations": "circuitkit.core.engine",
+    "run_interventions": "circuitkit.core.engine",
+    "tf32": "circuitkit.core.engine",
+    "CircuitkitError": "circuitkit.core.errors",
+    "ComponentError": "circuitkit.core.errors",
+    "MetricError": "circuitkit.core.errors",
+    "ModelLoadError": "circuitkit.core.errors",
+    "ResultFileError": "circuitkit.core.errors",
+    "ShapeError": "circuitkit.core.errors",
+    "TokenizationError": "circuitkit.core.errors",
+    "Edge": "circuitkit.core.graph",
+    "EdgeScores": "circuitkit.core.graph",
+    "Graph": "circuitkit.core.graph",
+    "SenderOutputs": "circuitkit.core.graph",
+    "sender_outputs": "circuitkit.core.graph",
+    "Add": "circuitkit.core.interventions",
+    "Intervention": "circuitkit.core.interventions",
+    "Patch": "circuitkit.core.interventions",
+    "Scale": "circuitkit.core.interventions",
+    "SetTo": "circuitkit.core.interventions",
+    "Zero": "circuitkit.core.interventions",
+    "load_model": "circuitkit.core.models",
+    "load_tokenizer": "circuitkit.core.models",
+    "tiny_model": "circuitkit.core.models",
+    "Comparison": "circuitkit.core.results",
+    "Result": "circuitkit.core.results",
+    "compare": "circuitkit.core.results",
+    "IOIDataset": "circuitkit.data.ioi",
+    "plot": "circuitkit.interface.plot",
+    "plot_causal_trace": "circuitkit.interface.plot",
+    "plot_circuit": "circuitkit.interface.plot_circuit",
+    "AblationMethod": "circuitkit.methods.ablation",
+    "ablate": "circuitkit.methods.ablation",
+    "ablation_sweep": "circuitkit.methods.ablation",
+    "activation_patching": "circuitkit.methods.activation_patching",
+    "attention_head_scores": "circuitkit.methods.attention_scores",
+    "attention_scores": "circuitkit.methods.attention_scores",
+    "attribution_patching": "circuitkit.methods.attribution_patching",
+    "edge_attribution_patching": "circuitkit.methods.attribution_patching",
+    "CausalEffects": "circuitkit.methods.causal_effects",
+    "causal_effects": "circuitkit.methods.causal_effects",
+    "CausalTrace": "circuitkit.methods.causal_tracing",
+    "average_indirect_effect": "circuitkit.methods.causal_tracing",
+    "causal_trace": "circuitkit.methods.causal_tracing",
+    "patch_edges": "circuitkit.methods.edge_patching",
+    "direct_logit_attribution": "circuitkit.methods.logit_attribution",
+    "logit_lens": "circuitkit.methods.logit_attribution",
+    "NeuronIntervention": "circuitkit.methods.neuron_interventions",
+    "intervene_on_neuron": "circuitkit.methods.neuron_interventions",
+    "trace_token_probability": "circuitkit.methods.neuron_interventions",
+    "path_patching": "circuitkit.methods.path_patching",
+}
+
+# Public modules: ``ck.metrics.logit_diff``.
+_MODULES = {
+    "distributed": "circuitkit.core.distributed",
+    "metrics": "circuitkit.core.metrics",
+    "provenance": "circuitkit.core.provenance",
+}
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    """A public name, imported on first use; ``ck.attribution`` and the other flat module names
+    of earlier releases, with a DeprecationWarning."""
+    if name in _PUBLIC or name in _MODULES:
+        if name in _MODULES:
+            value = importlib.import_module(_MODULES[name])
+        else:
+            value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    if f"circuitkit.{name}" in _moved.DEPRECATED:
+        return _moved.moved_module(f"circuitkit.{name}")
+    raise AttributeError(f"module 'circuitkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "MLP",

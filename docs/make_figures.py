@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 
 import circuitkit as ck
-from circuitkit.report import ioi_study
+from circuitkit.interface.ioi_report import ioi_study
 
 OUT = Path(__file__).parent / "figures"
 WIDTH, HEIGHT = 900, 520

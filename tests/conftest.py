@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from _device import DEVICE
 
-from circuitkit import models
+from circuitkit.core import models
 
 TINY_KINDS = ("gpt2", "attn-only", "llama")
 

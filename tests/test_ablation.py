@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.metrics import Metric
 
 
 def ioi(model, n: int = 8, seed: int = 0):
@@ -351,14 +351,14 @@ def test_neuron_sweep_is_split_and_equals_reference(monkeypatch):
     d_mlp = model.cfg.d_mlp
     base, reference, metric, _ = random_inputs(model, 1)
     # a small mask budget splits the layer's neurons over several engine calls
-    monkeypatch.setattr("circuitkit.ablation._MASK_BUDGET", 4 * 7 * d_mlp * 40)
+    monkeypatch.setattr("circuitkit.methods.ablation._MASK_BUDGET", 4 * 7 * d_mlp * 40)
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(len(args[2]))
         return ck.run_interventions(*args, **kwargs)
 
-    monkeypatch.setattr("circuitkit.ablation.run_interventions", counted)
+    monkeypatch.setattr("circuitkit.methods.ablation.run_interventions", counted)
     kwargs = dict(reference=reference, metric=metric, layer=1, progress=False)
     fast = ck.ablation_sweep(model, base, "neuron", "mean", **kwargs)
     assert calls == [40, 40, 40, 9]  # the unablated run and 128 neurons, 40 runs a call

@@ -7,7 +7,7 @@ import torch
 from _device import assert_close
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError, ComponentError
+from circuitkit.core.errors import CircuitkitError, ComponentError
 
 
 def plain_patterns(model, tokens):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import circuitkit as ck
-from circuitkit.attribution import required_hooks
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.methods.logit_attribution import required_hooks
 
 
 def run(model, n: int = 6, seed: int = 0):
@@ -246,21 +246,21 @@ def test_smollm(smollm):
 
 
 def test_ioi_command_sections(tiny_llama):
-    from circuitkit import cli, report
+    from circuitkit.interface import ioi_report, ioi_summary
 
     ds, logits, full = run(tiny_llama)
     end = ds.positions["end"]
-    logits_at, merged = report._clean_run(tiny_llama, ds.tokens, end, batch_size=4)  # two batches
+    logits_at, merged = ioi_report._clean_run(tiny_llama, ds.tokens, end, batch_size=4)  # two batches
     torch.testing.assert_close(logits_at, logits[torch.arange(ds.n), end], atol=1e-5, rtol=0)
     heads = ck.direct_logit_attribution(tiny_llama, merged, ds, by="head")
     torch.testing.assert_close(
         heads.examples, ck.direct_logit_attribution(tiny_llama, full, ds, by="head").examples
     )
-    text = cli._section_direct_heads(heads, 3)
+    text = ioi_summary.section_direct_heads(heads, 3)
     (best, value), *_ = heads.top(1)
     table = text.splitlines()[-3:]
     assert table[0].split()[:2] == [f"{best['layer']}.{best['head']}", f"{value:+.3f}"]
-    lens = cli._section_logit_lens(ck.logit_lens(tiny_llama, merged, ds))
+    lens = ioi_summary.section_logit_lens(ck.logit_lens(tiny_llama, merged, ds))
     last = lens.splitlines()[-1].split()
     assert last[0] == str(tiny_llama.cfg.n_layers - 1)
     actual = float(ck.metrics.logit_diff(ds)(logits).mean())

@@ -11,10 +11,10 @@ import torch
 from _device import DEVICE, assert_close, equal
 
 import circuitkit as ck
-from circuitkit import models
-from circuitkit.attribution_patching import _edge_reference
-from circuitkit.errors import CircuitkitError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core import models
+from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.metrics import Metric
+from circuitkit.methods.attribution_patching import _edge_reference
 
 
 class Data:

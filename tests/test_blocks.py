@@ -7,7 +7,7 @@ import torch
 from _device import DEVICE, assert_close
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from circuitkit import blocks, models
+from circuitkit.core import blocks, models
 
 N, N_POS, RUNS = 3, 7, 2
 

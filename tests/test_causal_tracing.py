@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit.causal_tracing import find_subject, subject_noise
-from circuitkit.components import Embed, Neuron, Resid
-from circuitkit.engine import Add, Intervention, Patch, Scale, run_interventions
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
-from circuitkit.metrics import Metric
+from circuitkit.core.components import Embed, Neuron, Resid
+from circuitkit.core.engine import run_interventions
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
+from circuitkit.core.interventions import Add, Intervention, Patch, Scale
+from circuitkit.core.metrics import Metric
+from circuitkit.methods.causal_tracing import find_subject, subject_noise
 
 KINDS = ("gpt2", "attn-only", "llama")
 HOOK = {

@@ -10,7 +10,7 @@ import torch
 from _device import DEVICE, assert_close
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError, ComponentError
+from circuitkit.core.errors import CircuitkitError, ComponentError
 
 WORDS = ("IO", "S1", "S1+1", "S2", "end", "and", None)
 

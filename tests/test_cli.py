@@ -8,7 +8,8 @@ from _browser import figures_rendered, render
 from _device import DEVICE
 
 import circuitkit as ck
-from circuitkit import cli, models
+from circuitkit.core import models
+from circuitkit.interface import cli
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import torch
 from _device import assert_close, equal
 
 import circuitkit as ck
-from circuitkit.discovery import prune
-from circuitkit.errors import CircuitkitError, ShapeError
-from circuitkit.graph import SenderOutputs
+from circuitkit.circuits.discovery import prune
+from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.graph import SenderOutputs
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import circuitkit as ck
-from circuitkit.components import Attn, Head, Resid
-from circuitkit.distributed import share_runs
-from circuitkit.engine import Intervention, Patch, Scale, Zero, run_interventions
-from circuitkit.metrics import Metric
+from circuitkit.core.components import Attn, Head, Resid
+from circuitkit.core.distributed import share_runs
+from circuitkit.core.engine import run_interventions
+from circuitkit.core.interventions import Intervention, Patch, Scale, Zero
+from circuitkit.core.metrics import Metric
 
 WORLD = 2
 BUDGET = 1 << 20  # the same memory budget everywhere, so chunks are the same everywhere

@@ -11,19 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit.components import Attn, Embed, Head, Neuron, Resid
-from circuitkit.engine import (
-    Add,
-    Intervention,
-    Patch,
-    Scale,
-    SetTo,
-    Zero,
-    record_activations,
-    run_interventions,
-)
-from circuitkit.errors import ComponentError, MetricError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core.components import Attn, Embed, Head, Neuron, Resid
+from circuitkit.core.engine import record_activations, run_interventions
+from circuitkit.core.errors import ComponentError, MetricError, ShapeError
+from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero
+from circuitkit.core.metrics import Metric
 
 
 def random_case(model, seed: int, n: int = 4, n_pos: int = 7):

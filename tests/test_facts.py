@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitkit.causal_tracing import find_subject
 from circuitkit.data import FACTS
+from circuitkit.methods.causal_tracing import find_subject
 
 
 def test_facts_are_well_formed(tiny_gpt2):

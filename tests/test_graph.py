@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit import models
-from circuitkit.engine import _unembed
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core import models
+from circuitkit.core.engine import unembed_residual
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.metrics import Metric
 
 
 class Data:
@@ -213,7 +213,9 @@ def test_every_edge_into_the_logits_reads_the_replacement(tiny_model, mean):
             if replacement.mlp_out:
                 final = final + replacement.mlp_out[layer]
         final = final.expand(clean.shape[0], *final.shape[1:])
-        logits_at = _unembed(tiny_model, final[torch.arange(3), metric.positions][:, None])[:, 0]
+        logits_at = unembed_residual(tiny_model, final[torch.arange(3), metric.positions][:, None])[
+            :, 0
+        ]
         expected = metric.at(logits_at)
         plain = metric(tiny_model(clean))
     assert_close(values[0], expected.cpu(), atol=1e-4, rtol=1e-5)
@@ -387,7 +389,7 @@ def test_patch_edges_on_smollm(smollm):
 @pytest.mark.parametrize("case", ["shared", "few others", "many others", "none"])
 def test_correction_sums_shared_senders_once(case):
     """Senders every receiver patches are summed once; the rest per receiver: the same sums."""
-    from circuitkit.graph import _correction
+    from circuitkit.methods.edge_patching import _correction
 
     g = torch.Generator().manual_seed(3)
     c, n_receivers, n_senders, n, n_pos, d = 3, 4, 10, 2, 3, 5

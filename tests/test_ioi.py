@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from circuitkit.core.errors import TokenizationError
+from circuitkit.core.metrics import logit_diff
 from circuitkit.data.ioi import CORRUPTIONS, MIN_NAMES, TEMPLATES, IOIDataset, IOIExample
-from circuitkit.errors import TokenizationError
-from circuitkit.metrics import logit_diff
 
 N_ALL = 2 * len(TEMPLATES)  # every template in both orders
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from circuitkit import metrics
+from circuitkit.core import metrics
+from circuitkit.core.errors import MetricError, ShapeError
+from circuitkit.core.metrics import Metric, check_metric_output
 from circuitkit.data.ioi import IOIDataset
-from circuitkit.errors import MetricError, ShapeError
-from circuitkit.metrics import Metric, check_metric_output
 
 N, POS, VOCAB = 5, 7, 11
 

@@ -1,4 +1,4 @@
-"""Tests of circuitkit.models: the offline default and its cache, hub names, local dirs, tiny."""
+"""Tests of circuitkit.core.models: the offline default, its cache, hub names, local dirs, tiny."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from circuitkit import models
-from circuitkit.errors import ModelLoadError
+from circuitkit.core import models
+from circuitkit.core.errors import ModelLoadError
 
 PROMPTS = [
     "When Mary and John went to the store, John gave a drink to",

@@ -8,9 +8,9 @@ from _device import DEVICE, assert_close
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit import models
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core import models
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.metrics import Metric
 
 
 def random_pair(model, seed: int, n: int = 4, n_pos: int = 6):

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError, ComponentError, ShapeError
-from circuitkit.metrics import Metric
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.metrics import Metric
 
 
 class Data:

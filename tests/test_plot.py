@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError, ShapeError
-from circuitkit.results import Result
+from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.results import Result
 
 
 def mixed_result(shape, n=30, seed=0):

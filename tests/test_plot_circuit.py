@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import circuitkit as ck
-from circuitkit.errors import CircuitkitError
-from circuitkit.graph import EdgeScores
+from circuitkit.core.errors import CircuitkitError
+from circuitkit.core.graph import EdgeScores
 
 
 def ioi_style_circuit():

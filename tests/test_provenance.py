@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import circuitkit as ck
-from circuitkit import provenance
+from circuitkit.core import provenance
 
 
 def reference_fingerprint(model) -> str:

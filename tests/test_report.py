@@ -10,7 +10,8 @@ import torch
 from _browser import figures_rendered, render
 
 import circuitkit as ck
-from circuitkit.report import Report, trace_report
+from circuitkit.interface.report import Report
+from circuitkit.interface.trace_report import trace_report
 
 
 def small_results(model):

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit import results
-from circuitkit.errors import CircuitkitError, ResultFileError, ShapeError
-from circuitkit.results import Result, bootstrap_interval, sign_flip_test
+from circuitkit.core import results
+from circuitkit.core.errors import CircuitkitError, ResultFileError, ShapeError
+from circuitkit.core.results import Result, bootstrap_interval, sign_flip_test
 
 
 def reference_interval(samples, level, n_boot, seed):

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from circuitkit.errors import TokenizationError
+from circuitkit.core.errors import TokenizationError
 
 # Templates are written in ABBA order; the BABA prompt swaps the two names of "{IO} and {S1}".
 # Every name slot follows a space, so each name is read as " Name", one token.

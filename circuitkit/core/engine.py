@@ -1,0 +1,1183 @@
+"""The batched intervention engine: every method in circuitkit compiles to it.
+
+An *intervention* puts a value into one component of the model: another run's activation
+(``Patch``), zero (``Zero``), a given tensor such as a mean (``SetTo``), a scaled copy
+(``Scale``) or added noise (``Add``). A *run* is a set of interventions applied together in one
+forward pass of the *base* input; ``run_interventions`` evaluates a per-example metric for many
+runs and returns it as a ``[n_runs, n]`` tensor.
+
+Fast path (the default):
+
+- Many runs share one forward pass, stacked along the batch dimension: a chunk of ``c`` runs on
+  a base batch of ``n`` examples is a batch of ``c * n``. Chunks are sized to a memory budget.
+- Nothing before the earliest layer a run touches can change, so each chunk starts there, from
+  the base run's cached residual stream, instead of at the embeddings. In a causal model
+  nothing at a position before the earliest position a run touches can change either, so only
+  the positions from there on are computed; attention reads the base run's cached keys and
+  values for the earlier ones.
+- A ``Metric`` reads one position per example, so only the final residual stream at those
+  positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits, and
+  the last block computes its queries, attention output and MLP at those positions alone.
+- A run whose first layer changes only activations that stay at their positions (a head's
+  output at one position, say) changes that layer's output at that position alone: the layer
+  is computed there alone, and its later positions are the base run's.
+- Blocks run fused where ``circuitkit.core.blocks`` can compute them (fewer passes over memory,
+  the same hook points); others run TransformerLens's forward.
+- The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
+  one Python call per run.
+- On a GPU the loop over chunks only queues work: masks and run indices reach the device in
+  one copy each, results stay there until the end, and the metric's values are checked once.
+  Metrics are computed in float32 whatever the model's dtype. TF32 matrix products are used
+  only inside ``tf32()``.
+
+Reference path (``reference=True``): one plain ``run_with_hooks`` forward per run, computing the
+full logits and calling the metric on them. Tests compare the two.
+
+``record_activations`` runs the same interventions but, instead of a metric, returns activations
+recorded under each run (what a method needs when one run's activations feed the next, as in
+path patching). Its fast path stops after the last layer it records; it has the same reference.
+
+Either way the engine removes every hook it added (also when an exception is raised), changes
+no weight or setting, and runs without gradients. Interventions of one run must not select the
+same activation entry twice; the engine checks this, so the order within a run never matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utils import apply_softcap
+
+from circuitkit.core import blocks
+from circuitkit.core.components import Component, selection_mask
+from circuitkit.core.errors import CircuitkitError, ComponentError, MetricError, ShapeError
+from circuitkit.core.interventions import (
+    Add,
+    Intervention,
+    MetricLike,
+    Patch,
+    Run,
+    Scale,
+    SetTo,
+    Value,
+    Zero,
+    apply_value,
+    value_tensor,
+)
+from circuitkit.core.metrics import Metric, check_metric_output, check_metric_shape
+
+
+@dataclass(frozen=True, eq=False)
+class _Compiled:
+    """One intervention resolved against a model and a base input."""
+
+    hook: str
+    mask: Tensor  # bool, broadcastable to the activation [n, ...]
+    value: Value
+    layer: int
+    pos_dim: int  # the activation's (query) position dimension
+    first_pos: int  # the first position the mask selects in any example; n_pos if none
+    last_pos: int = -1  # the last position the mask selects in any example; -1 if none
+    stays: bool = False  # the component's ``stays_at_its_positions``
+
+
+def run_interventions(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "n pos"],
+    runs: Sequence[Run | Intervention],
+    metric: MetricLike,
+    *,
+    positions: Mapping[str, Tensor] | None = None,
+    reference: bool = False,
+    memory_budget: int | None = None,
+    max_runs_per_chunk: int | None = None,
+    progress: bool = True,
+    desc: str = "interventions",
+) -> Float[Tensor, "n_runs n"]:
+    """The metric of the base input ``tokens`` under each run of interventions.
+
+    Each element of ``runs`` is an ``Intervention`` or a sequence of them applied together;
+    an empty sequence is the unpatched base run. ``positions`` (a dataset's dict of [n] index
+    tensors) resolves position words such as "end". ``memory_budget`` caps the bytes of
+    activations one chunk may use (default: 2 GiB on CPU, half the free memory on a GPU);
+    ``max_runs_per_chunk`` caps the runs per forward pass. ``reference=True`` runs the slow,
+    plainly written path: one ``run_with_hooks`` forward per run.
+
+    Returns the per-example metric, shape ``[len(runs), n]``, on the CPU.
+
+    Example::
+
+        z23 = clean_cache["blocks.23.attn.hook_z"]
+        values = run_interventions(model, corrupted_tokens,
+                                   [Intervention(Head(23, 2), Patch(z23))], metric)
+    """
+    where = "run_interventions"
+    runs_list = _check_runs(model, runs, where)
+    tokens = _check_tokens(model, tokens, where)
+    n = tokens.shape[0]
+    _check_metric_object(metric, n)
+    if not runs_list:
+        return torch.zeros(0, n)
+
+    with torch.no_grad():
+        compiled = _compile(model, tokens, runs_list, positions)
+        if reference:
+            return _run_reference(model, tokens, compiled, metric, progress, desc)
+        return _run_fast(
+            model, tokens, compiled, metric, memory_budget, max_runs_per_chunk, progress, desc
+        )
+
+
+def record_activations(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "n pos"],
+    runs: Sequence[Run | Intervention],
+    record: Sequence[Component],
+    *,
+    positions: Mapping[str, Tensor] | None = None,
+    reference: bool = False,
+    memory_budget: int | None = None,
+    max_runs_per_chunk: int | None = None,
+    last_positions: Int[Tensor, "n"] | None = None,
+    progress: bool = True,
+    desc: str = "recording",
+) -> list[Float[Tensor, "n_runs n ..."]]:
+    """The activations of ``record`` in the base input ``tokens`` under each run of interventions.
+
+    Runs are given as to ``run_interventions`` and evaluated the same way, but instead of a
+    metric each run keeps, for every component of ``record``, the whole activation at that
+    component's hook (its head, neuron and position selection play no part: the full ``[n,
+    ...]`` activation, the shape a ``Patch`` takes), as it is after the run's interventions.
+    The fast path starts each chunk at its first intervention or first recorded layer, and at
+    the first position its interventions touch (earlier positions keep the base run's
+    activations), and stops after the last recorded layer. ``reference=True`` runs one plain
+    ``run_with_hooks`` forward per run.
+
+    ``last_positions`` ([n], optional) says that only positions up to ``last_positions[i]`` of
+    example ``i`` will be read: later positions then hold the base run's activations instead of
+    the run's (in a causal model they cannot change the earlier ones).
+
+    Returns one tensor per component of ``record``, shape ``[len(runs), n, ...]``, on the
+    model's device; components at the same hook share one tensor.
+
+    Example::
+
+        z23 = corrupted_cache["blocks.23.attn.hook_z"]
+        [q10] = record_activations(model, clean_tokens,
+                                   [Intervention(Head(23, 2), Patch(z23))], [Head(24, 4).q])
+        q10.shape    # [1, n, pos, n_heads, d_head]
+    """
+    where = "record_activations"
+    runs_list = _check_runs(model, runs, where)
+    tokens = _check_tokens(model, tokens, where)
+    record = list(record) if not isinstance(record, Component) else [record]
+    if not record or not all(isinstance(c, Component) for c in record):
+        raise CircuitkitError(
+            f"{where}: record must be a non-empty list of components, got {record!r}"
+        )
+    for component in record:
+        component.validate(model)
+    layers = {c.hook_name(model): (c.layer, c.pos_dim) for c in record}
+    last = _check_last_positions(last_positions, tokens, where)
+
+    with torch.no_grad():
+        shapes = _activation_shapes(model, tokens, record)
+        if not runs_list:
+            acts = {
+                name: torch.empty(0, *shapes[name], dtype=model.cfg.dtype, device=tokens.device)
+                for name in layers
+            }
+        else:
+            compiled = _compile(model, tokens, runs_list, positions)
+            if reference:
+                acts = _record_reference(model, tokens, compiled, layers, progress, desc)
+                acts = _base_after_last(model, tokens, acts, layers, last)
+            else:
+                acts = _record_fast(
+                    model,
+                    tokens,
+                    compiled,
+                    layers,
+                    shapes,
+                    memory_budget,
+                    max_runs_per_chunk,
+                    progress,
+                    desc,
+                )
+                acts = _base_after_last(model, tokens, acts, layers, last)
+    return [acts[c.hook_name(model)] for c in record]
+
+
+def _check_last_positions(last: Tensor | None, tokens: Tensor, where: str) -> Tensor | None:
+    """[n] the last position to record in each example, on the tokens' device, or None."""
+    if last is None:
+        return None
+    n, n_pos = tokens.shape
+    if not isinstance(last, Tensor) or last.shape != (n,) or last.is_floating_point():
+        shape = tuple(last.shape) if isinstance(last, Tensor) else type(last).__name__
+        raise ShapeError(
+            f"{where}: last_positions must be an integer [n] tensor with n = {n}, got {shape}"
+        )
+    if int(last.min()) < 0 or int(last.max()) >= n_pos:
+        raise ShapeError(
+            f"{where}: last_positions must lie in 0..{n_pos - 1}, got values from "
+            f"{int(last.min())} to {int(last.max())}"
+        )
+    return last.to(tokens.device).long()
+
+
+def _base_after_last(
+    model: HookedTransformer,
+    tokens: Tensor,
+    acts: dict[str, Tensor],
+    record: Mapping[str, tuple[int, int]],
+    last: Tensor | None,
+) -> dict[str, Tensor]:
+    """``acts`` with the base run's activations at every position after ``last[i]``."""
+    if last is None:
+        return acts
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in record)
+    out = {}
+    for name, act in acts.items():
+        pos_dim = record[name][1]
+        n_pos = act.shape[1 + pos_dim]
+        index = torch.arange(n_pos, device=act.device)
+        after = index[None, :] > last[:, None]  # [n, n_pos]
+        trailing = [1] * (act.ndim - 2 - pos_dim)
+        after = after.view(after.shape[0], *[1] * (pos_dim - 1), n_pos, *trailing)
+        out[name] = torch.where(after, cache[name].to(act.dtype), act)
+    return out
+
+
+def _check_runs(
+    model: HookedTransformer, runs: Sequence[Run | Intervention], where: str
+) -> list[tuple[Intervention, ...]]:
+    runs_list = [(r,) if isinstance(r, Intervention) else tuple(r) for r in runs]
+    for run in runs_list:
+        for intervention in run:
+            if not isinstance(intervention, Intervention):
+                raise CircuitkitError(
+                    f"{where}: each run must hold Intervention objects, got "
+                    f"{type(intervention).__name__}"
+                )
+            intervention.component.validate(model)
+    return runs_list
+
+
+def _check_tokens(model: HookedTransformer, tokens: Tensor, where: str) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ShapeError(f"{where}: tokens must be an integer [n, pos] tensor, got {shape}")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ShapeError(
+            f"{where}: tokens have {tokens.shape[1]} positions but the model's context "
+            f"is {model.cfg.n_ctx}"
+        )
+    return tokens.to(model.cfg.device).long()
+
+
+def _check_metric_object(metric: MetricLike, n: int) -> None:
+    if isinstance(metric, Metric):
+        if metric.n != n:
+            raise ShapeError(
+                f"run_interventions: the metric {metric.name!r} was made for {metric.n} examples "
+                f"but the base input has {n}"
+            )
+    elif not callable(metric):
+        raise CircuitkitError(f"run_interventions: metric must be callable, got {metric!r}")
+
+
+def _compile(
+    model: HookedTransformer,
+    tokens: Tensor,
+    runs: list[tuple[Intervention, ...]],
+    positions: Mapping[str, Tensor] | None,
+) -> list[list[_Compiled]]:
+    """Resolve every intervention to (hook, mask, value) and check shapes and overlaps.
+
+    Masks are built and checked on the CPU, where reading them costs no wait for the GPU, and
+    copied to the model's device together; components that select the same entries share one
+    mask, and value tensors are converted to the model's dtype and device once.
+    """
+    shapes = _activation_shapes(model, tokens, [i.component for run in runs for i in run])
+    if positions is not None:
+        positions = {word: index.cpu() for word, index in positions.items()}
+    cpu_masks: dict[object, tuple[Tensor, int, int]] = {}
+    resolved: list[list[tuple[str, object, Intervention]]] = []
+    for run in runs:
+        items = []
+        for intervention in run:
+            comp = intervention.component
+            hook = comp.hook_name(model)
+            key = _mask_key(comp, model, shapes[hook])
+            if key not in cpu_masks:
+                mask = selection_mask(comp, model, shapes[hook], positions, "cpu")
+                first, last = _position_range(mask, comp.pos_dim)
+                cpu_masks[key] = (mask, first, last)
+            _check_value(intervention, shapes[hook])
+            items.append((hook, key, intervention))
+        _check_no_overlap(run, [cpu_masks[key][0] for _, key, _ in items], [h for h, _, _ in items])
+        resolved.append(items)
+
+    masks = _to_device({key: mask for key, (mask, _, _) in cpu_masks.items()}, tokens.device)
+    values = _ValueCache(model.cfg.dtype, tokens.device)
+    return [
+        [
+            _Compiled(
+                hook,
+                masks[key],
+                values(intervention.value),
+                intervention.component.layer,
+                intervention.component.pos_dim,
+                *cpu_masks[key][1:],
+                # a block computing one position would cut a pattern's key axis too: whole rows
+                intervention.component.stays_at_its_positions
+                and intervention.component.pos_dim == 1,
+            )
+            for hook, key, intervention in items
+        ]
+        for items in resolved
+    ]
+
+
+def _activation_shapes(
+    model: HookedTransformer, tokens: Tensor, components: Sequence[Component]
+) -> dict[str, torch.Size]:
+    """The shape of the activation of every component, from one base forward that stops after
+    the last layer touched."""
+    names = {c.hook_name(model) for c in components}
+    shapes: dict[str, torch.Size] = {}
+    if not names:  # only unpatched runs
+        return shapes
+    handles = [
+        model.hook_dict[name].register_forward_hook(
+            lambda module, inputs, output, name=name: shapes.__setitem__(name, output.shape)
+        )
+        for name in names
+    ]
+    stop = max(c.layer for c in components) + 1
+    try:
+        model(tokens, stop_at_layer=max(stop, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _position_range(mask: Tensor, pos_dim: int) -> tuple[int, int]:
+    """The first and last positions a selection mask selects in any example; (its length, -1)
+    if none."""
+    n_pos = mask.shape[pos_dim]
+    selected = mask.movedim(pos_dim, 0).reshape(n_pos, -1).any(dim=1).nonzero()
+    return (int(selected[0]), int(selected[-1])) if len(selected) else (n_pos, -1)
+
+
+def _mask_key(component: Component, model: HookedTransformer, shape: torch.Size) -> object:
+    """What a component's selection mask depends on: components with equal keys (the same head
+    and position in different layers, say) select the same entries."""
+    pos = getattr(component, "pos", None)
+    if isinstance(pos, (slice, list)):  # unhashable (a slice before Python 3.12)
+        pos = repr(pos)
+    return (component.pos_dim, component.unit(model), pos, tuple(shape))
+
+
+def _to_device(masks: dict[object, Tensor], device: torch.device) -> dict[object, Tensor]:
+    """The CPU tensors of ``masks`` on ``device``, in one copy that does not wait for the GPU."""
+    if device.type == "cpu" or not masks:
+        return masks
+    flat = torch.cat([mask.reshape(-1) for mask in masks.values()])
+    flat = _pinned(flat).to(device, non_blocking=True)
+    out, begin = {}, 0
+    for key, mask in masks.items():
+        out[key] = flat[begin : begin + mask.numel()].view(mask.shape)
+        begin += mask.numel()
+    return out
+
+
+def _pinned(tensor: Tensor) -> Tensor:
+    # A copy from page-locked memory is queued without waiting for the GPU to finish its work.
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+def _index_tensor(indices: Sequence[int], device: torch.device) -> Tensor:
+    """``indices`` as a long tensor on ``device``, copied without waiting for the GPU."""
+    tensor = torch.tensor(indices, dtype=torch.long)
+    if device.type == "cpu":
+        return tensor
+    return _pinned(tensor).to(device, non_blocking=True)
+
+
+class _ValueCache:
+    """Values with their tensors in the model's dtype and on its device, converted once per
+    tensor, so runs that shared a value tensor still share one."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.tensors: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def tensor(self, tensor: Tensor) -> Tensor:
+        if tensor.dtype == self.dtype and tensor.device == self.device:
+            return tensor
+        if id(tensor) not in self.tensors:  # keep the original alive so its id stays unique
+            self.tensors[id(tensor)] = (tensor, tensor.to(self.device, self.dtype))
+        return self.tensors[id(tensor)][1]
+
+    def __call__(self, value: Value) -> Value:
+        tensor = value_tensor(value)
+        if tensor is None or self.tensor(tensor) is tensor:
+            return value
+        kind = type(value)  # Patch, SetTo or Add: each holds its one tensor
+        return kind(self.tensor(tensor))
+
+
+def _check_value(intervention: Intervention, act_shape: torch.Size) -> None:
+    value = intervention.value
+    if isinstance(value, Scale):
+        if not isinstance(value.factor, (int, float)):
+            raise CircuitkitError(
+                f"{intervention.component!r}: Scale.factor must be a number, got {value.factor!r}"
+            )
+        return
+    tensor = value_tensor(value)
+    if tensor is None:
+        return
+    if isinstance(value, Patch):
+        if tuple(tensor.shape) != tuple(act_shape):
+            raise ShapeError(
+                f"{intervention.component!r}: the patched activation has shape "
+                f"{tuple(tensor.shape)}, expected {tuple(act_shape)} (the base run's shape)"
+            )
+        return
+    try:
+        torch.broadcast_shapes(tensor.shape, act_shape)
+    except RuntimeError:
+        raise ShapeError(
+            f"{intervention.component!r}: a value of shape {tuple(tensor.shape)} does not "
+            f"broadcast to the activation's shape {tuple(act_shape)}"
+        ) from None
+
+
+def _check_no_overlap(
+    run: tuple[Intervention, ...], run_masks: list[Tensor], hooks: list[str]
+) -> None:
+    by_hook: dict[str, list[int]] = {}
+    for index, hook in enumerate(hooks):
+        by_hook.setdefault(hook, []).append(index)
+    for indices in by_hook.values():
+        if len(indices) < 2:
+            continue
+        masks = [run_masks[i] for i in indices]
+        shape = torch.broadcast_shapes(*(m.shape for m in masks))
+        total = sum(m.expand(shape).to(torch.int16) for m in masks)
+        if int(total.max()) > 1:  # type: ignore[union-attr]
+            names = ", ".join(repr(run[i].component) for i in indices)
+            raise ComponentError(
+                f"run_interventions: interventions in one run select the same activation entries "
+                f"({names}); give each entry at most one value per run"
+            )
+
+
+def _run_reference(
+    model: HookedTransformer,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    metric: MetricLike,
+    progress: bool,
+    desc: str,
+) -> Tensor:
+    n = tokens.shape[0]
+    out = []
+    for items in tqdm(compiled, desc=f"{desc} (reference)", disable=not progress, leave=False):
+        fwd_hooks = [(item.hook, _reference_hook(item)) for item in items]
+        logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+        values = metric(logits.float())  # the metric in float32 whatever the model's dtype
+        out.append(check_metric_output(values, n, "run_interventions").float().cpu())
+    return torch.stack(out)
+
+
+def _reference_hook(item: _Compiled) -> Callable:
+    def hook(act: Tensor, hook) -> Tensor:
+        return apply_value(act, item.mask, item.value)
+
+    return hook
+
+
+def _record_reference(
+    model: HookedTransformer,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    record: Mapping[str, tuple[int, int]],
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    recorded: dict[str, list[Tensor]] = {name: [] for name in record}
+    for items in tqdm(compiled, desc=f"{desc} (reference)", disable=not progress, leave=False):
+        fwd_hooks = [(item.hook, _reference_hook(item)) for item in items]
+        # added after the interventions, so they see the activations the interventions made
+        fwd_hooks += [(name, _store_hook(recorded[name])) for name in record]
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None)
+    return {name: torch.stack(acts) for name, acts in recorded.items()}
+
+
+def _store_hook(into: list[Tensor]) -> Callable:
+    def hook(act: Tensor, hook) -> None:
+        into.append(act.clone())
+
+    return hook
+
+
+def _run_fast(
+    model: HookedTransformer,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    metric: MetricLike,
+    memory_budget: int | None,
+    max_runs_per_chunk: int | None,
+    progress: bool,
+    desc: str,
+) -> Tensor:
+    n, n_pos = tokens.shape
+    device = tokens.device
+    base = base_run(model, tokens)
+    starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
+    full_logits = not isinstance(metric, Metric)
+    if isinstance(metric, Metric):  # read positions on the device once, not once per chunk
+        metric = dataclasses.replace(metric, positions=metric.positions.to(device))
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+
+    def chunk_size(key: tuple[int, int, bool]) -> int:
+        per_run = bytes_per_run(model, n, n_pos - key[0], n_pos, full_logits)
+        return runs_per_chunk(model, per_run, budget, max_runs_per_chunk)
+
+    # Chunks go position by position, so those that start at one position share the earlier
+    # positions' keys and values (``_prefix``). The loop queues work on the device and never
+    # waits for it: the chunks' run indices go to the device in one copy, and results stay
+    # there until the end.
+    chunks = list(chunk_groups([(pos, layer, alone) for layer, pos, alone in starts], chunk_size))
+    order = _index_tensor([r for chunk in chunks for r in chunk], device)
+    results = torch.empty(len(compiled), n, device=device)
+    done = 0
+    with (
+        tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar,
+        _attention_kernels(model, n_pos),
+    ):
+        for chunk in chunks:
+            c = len(chunk)
+            layer, pos, alone = starts[chunk[0]]
+            hooks = _chunk_hooks(
+                [compiled[r] for r in chunk], c, n, pos, alone_in=layer if alone else None
+            )
+            # the last block need compute only the positions the metric reads
+            read = None if full_logits else (metric.positions - pos).clamp(min=0).repeat(c)
+            with hooks_added(model, hooks.items()):
+                residual = run_blocks(
+                    model,
+                    tokens,
+                    c,
+                    layer,
+                    pos,
+                    model.cfg.n_layers,
+                    base,
+                    first_alone=alone,
+                    read=read,
+                )
+                values = read_metric(
+                    model, residual, metric, c, n, pos, base, at_read=not full_logits
+                )
+            results[order[done : done + c]] = values.float()
+            done += c
+            bar.update(c)
+    return _check_finite(results.cpu())
+
+
+@contextmanager
+def _attention_kernels(model: HookedTransformer, n_pos: int) -> Iterator[None]:
+    """The attention kernels for the engine's batches: many short prompts.
+
+    Measured on an H200 for a chunk of 1,200 rows, 8 queries and 15 keys: in float32 the plain
+    kernels ("math") take 0.29 ms and the memory-efficient one 0.51 ms; in bfloat16 the
+    memory-efficient one 0.23 ms and cuDNN's, which PyTorch would pick, 0.79 ms."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # PyTorch before 2.3: its own choice
+        yield
+        return
+    if model.cfg.dtype == torch.float32 and n_pos <= 64:
+        backends = [SDPBackend.MATH]
+    else:
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        yield
+
+
+def _check_finite(results: Float[Tensor, "n_runs n"]) -> Tensor:
+    """``results``, after checking at once what each chunk's metric returned."""
+    finite = torch.isfinite(results).all(dim=1)
+    if not finite.all():
+        run = int((~finite).nonzero()[0])
+        raise MetricError(
+            f"run_interventions: the metric returned NaN or infinite values: {results[run]} "
+            f"(run {run})"
+        )
+    return results
+
+
+def _start_of(
+    model: HookedTransformer, items: list[_Compiled], n_pos: int, reuses_prefix: bool
+) -> tuple[int, int, bool]:
+    """``(layer, position, alone)``: where a run must be recomputed from.
+
+    Nothing before the earliest layer a run touches changes, and, the model being causal,
+    nothing at a position before the earliest position it touches. A run that selects
+    nothing (or no run at all) starts after the last layer: it is the base run.
+
+    ``alone`` is true when, in its first layer, the run only changes activations that stay at
+    their positions (``Component.stays_at_its_positions``: a head's output, say) at the one
+    first position: that layer's output then changes at that position alone, and the layer
+    is computed there alone.
+    """
+    n_layers = model.cfg.n_layers
+    pos = min((item.first_pos for item in items), default=n_pos)
+    if pos >= n_pos:
+        return n_layers, 0, False
+    layer = min(item.layer for item in items)
+    if not reuses_prefix:
+        return layer, 0, False
+    alone = layer >= 0 and all(
+        item.stays and item.first_pos == item.last_pos == pos
+        for item in items
+        if item.layer == layer
+    )
+    return layer, pos, alone
+
+
+def _record_fast(
+    model: HookedTransformer,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    record: Mapping[str, tuple[int, int]],
+    shapes: Mapping[str, torch.Size],
+    memory_budget: int | None,
+    max_runs_per_chunk: int | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    n, n_pos = tokens.shape
+    # A chunk must reach the first recorded layer and need not go past the last one. It
+    # starts at the first position its runs touch (the earlier ones are the base run's).
+    layers = [layer for layer, _ in record.values()]
+    first, stop = min(layers), max(layers) + 1
+    base = base_run(model, tokens)
+
+    def start(items: list[_Compiled]) -> tuple[int, int]:
+        layer = min([item.layer for item in items] + [first])
+        pos = min((item.first_pos for item in items), default=n_pos)
+        if not base.reuses_prefix or layer < 0 or pos >= n_pos:
+            return layer, 0
+        return layer, pos
+
+    starts = [start(items) for items in compiled]
+    itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
+    recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
+    per_run = bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
+    size = runs_per_chunk(model, per_run, memory_budget, max_runs_per_chunk)
+
+    chunks = list(chunk_groups(starts, lambda start: size))
+    order = _index_tensor([r for chunk in chunks for r in chunk], tokens.device)
+    recorded: dict[str, Tensor] = {}
+    if any(pos > 0 for _, pos in starts):  # earlier positions hold the base run's activations
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in record)
+        for name in record:
+            recorded[name] = _tile(cache[name], len(compiled)).view(len(compiled), *shapes[name])
+    done = 0
+    with (
+        tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar,
+        _attention_kernels(model, n_pos),
+    ):
+        for chunk in chunks:
+            c = len(chunk)
+            rows = order[done : done + c]
+            done += c
+            layer, pos = starts[chunk[0]]
+
+            def store(act: Tensor, name: str, rows: Tensor = rows, c: int = c) -> None:
+                if name not in recorded:
+                    recorded[name] = act.new_empty(len(compiled), n, *act.shape[1:])
+                view = act.view(c, n, *act.shape[1:])
+                pos_dim = record[name][1]
+                at = n_pos - view.shape[1 + pos_dim]  # the positions computed: ``pos`` on
+                where = [slice(None)] * (view.ndim - 2)
+                where[pos_dim - 1] = slice(at, n_pos)
+                recorded[name][(rows, slice(None), *where)] = view
+
+            hooks = [
+                *_chunk_hooks([compiled[r] for r in chunk], c, n, pos).items(),
+                # added after the interventions, so they see the activations the interventions made
+                *[(name, lambda act, name=name: store(act, name)) for name in record],
+            ]
+            with hooks_added(model, hooks):
+                run_blocks(model, tokens, c, layer, pos, stop, base)
+            bar.update(c)
+    return recorded
+
+
+@dataclass
+class BaseRun:
+    """What the patched runs reuse from the unpatched base run.
+
+    ``resid[l]`` is the residual stream entering block ``l`` (``resid[n_layers]`` the final
+    one); ``keys[l]`` and ``values[l]`` are block ``l``'s attention keys and values (before
+    rotary), which positions before a run's first patched position share with the base run.
+    """
+
+    resid: dict[int, Tensor]
+    keys: dict[int, Tensor]
+    values: dict[int, Tensor]
+    shortformer_pos_embed: Tensor | None
+    attention_mask: Tensor | None
+    # each fused block's weights, laid out once per call (see ``circuitkit.core.blocks``); None for
+    # blocks that run TransformerLens's forward
+    block_weights: dict[int, blocks.BlockWeights | None] = field(default_factory=dict)
+    # the earlier positions' keys and values repeated for a chunk, by (layer, pos, runs)
+    prefixes: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    masks: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    # the unembedding laid out for aligned matrix products (see ``unembed_residual``)
+    unembed: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def reuses_prefix(self) -> bool:
+        # With an explicit attention mask (left padding) positions are not plain indices;
+        # such runs recompute every position.
+        return self.attention_mask is None
+
+
+def base_run(model: HookedTransformer, tokens: Tensor) -> BaseRun:
+    """One forward of the base input, keeping each block's input, keys and values."""
+    residual, _, shortformer, attention_mask = model.input_to_embed(tokens)
+    base = BaseRun({}, {}, {}, shortformer, attention_mask)
+    for layer, block in enumerate(model.blocks):
+        base.resid[layer] = residual
+        entry = None
+        if base.reuses_prefix:
+            entry = TransformerLensKeyValueCacheEntry.init_cache_entry(
+                model.cfg, residual.device, tokens.shape[0]
+            )
+        residual = block(
+            residual,
+            shortformer_pos_embed=shortformer,
+            past_kv_cache_entry=entry,
+            attention_mask=attention_mask,
+        )
+        if entry is not None:
+            base.keys[layer], base.values[layer] = entry.past_keys, entry.past_values
+    base.resid[model.cfg.n_layers] = residual
+    return base
+
+
+def runs_per_chunk(
+    model: HookedTransformer, per_run: int, memory_budget: int | None, max_runs: int | None
+) -> int:
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+    size = max(1, int(budget // per_run))
+    return size if max_runs is None else max(1, min(size, max_runs))
+
+
+def chunk_groups(starts: list[tuple], chunk_size: Callable[[tuple], int]) -> Iterator[list[int]]:
+    """Run indices in chunks of one start and at most ``chunk_size(start)`` runs each."""
+    # Runs that start at the same layer and position go together, so no chunk starts earlier
+    # than it must.
+    order = sorted(range(len(starts)), key=lambda r: starts[r])
+    i = 0
+    while i < len(order):
+        start = starts[order[i]]
+        size = chunk_size(start)
+        j = i + 1
+        while j < len(order) and j - i < size and starts[order[j]] == start:
+            j += 1
+        yield order[i:j]
+        i = j
+
+
+@contextmanager
+def hooks_added(
+    model: HookedTransformer, hooks: Iterable[tuple[str, Callable[[Tensor], Tensor | None]]]
+) -> Iterator[None]:
+    """Forward hooks ``fn(activation) -> replacement or None`` on hook points, in the order
+    given, removed on exit (also when an exception is raised)."""
+    handles = []
+    try:
+        for name, fn in hooks:
+            handles.append(
+                model.hook_dict[name].register_forward_hook(
+                    lambda module, inputs, output, fn=fn: fn(output)
+                )
+            )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tile(x: Tensor, c: int) -> Tensor:
+    return x.repeat(c, *([1] * (x.ndim - 1)))
+
+
+def run_blocks(
+    model: HookedTransformer,
+    tokens: Tensor,
+    c: int,
+    start: int,
+    pos: int,
+    stop: int,
+    base: BaseRun,
+    *,
+    first_alone: bool = False,
+    read: Tensor | None = None,
+) -> Tensor:
+    """The residual stream after block ``stop - 1`` for a chunk of c runs (a c * n batch), at
+    positions ``pos`` onwards; with ``read`` ([c * n] indices into those positions), at the
+    read positions alone ([c * n, 1, d_model]).
+
+    It starts from the base run's residual stream before block ``start`` (from the embeddings
+    when ``start`` is negative); the blocks read the base run's keys and values for the
+    positions before ``pos``. With ``first_alone`` block ``start`` computes position ``pos``
+    alone, and the later positions of its output are the base run's. Blocks that
+    ``circuitkit.core.blocks`` can compute (and whose skipped hook points carry no hook) run
+    fused; the others run TransformerLens's forward. A last block with no hook at all then
+    computes only what the read positions need.
+    """
+    attention_mask = None if base.attention_mask is None else _tile(base.attention_mask, c)
+    # positions computed in the first block: one with first_alone, else all from pos on
+    end = pos + 1 if first_alone else None
+    if start < 0:
+        residual, _, shortformer, attention_mask = model.input_to_embed(_tile(tokens, c))
+        residual = residual[:, pos:]
+        start = 0
+    else:
+        residual = _tile(base.resid[start][:, pos:end], c)
+        shortformer = base.shortformer_pos_embed
+        shortformer = None if shortformer is None else _tile(shortformer, c)
+    if shortformer is not None:
+        shortformer = shortformer[:, pos:]
+    fuse = _FUSED_BLOCKS and attention_mask is None and shortformer is None
+    for layer in range(start, stop):
+        alone = first_alone and layer == start
+        block = model.blocks[layer]
+        weights = _weights(base, block, layer) if fuse else None
+        if weights is not None and blocks.skipped_hooks_free(block):
+            at_read = read is not None and layer == stop - 1 and not alone
+            at_read = at_read and blocks.hooks_free(block)
+            past = _prefix(base, block, layer, pos, c) if pos > 0 else None
+            if at_read:
+                mask = blocks.read_mask(read, pos, pos + residual.shape[1])
+            else:
+                mask = _causal_mask(base, residual.shape[1], pos, residual.device)
+            residual = blocks.block_forward(
+                block, residual, past, weights, mask=mask, read=read if at_read else None
+            )
+            if at_read:
+                return residual
+        else:
+            entry = None
+            if pos > 0:
+                entry = TransformerLensKeyValueCacheEntry(
+                    _tile(base.keys[layer][:, :pos], c),
+                    _tile(base.values[layer][:, :pos], c),
+                    frozen=True,
+                )
+            positional = shortformer
+            if alone and shortformer is not None:
+                positional = shortformer[:, :1]
+            residual = block(
+                residual,
+                shortformer_pos_embed=positional,
+                past_kv_cache_entry=entry,
+                attention_mask=attention_mask,
+            )
+        if alone:  # the later positions of this block's output are the base run's
+            later = _tile(base.resid[layer + 1][:, pos + 1 :], c)
+            residual = torch.cat([residual, later], dim=1)
+    if read is not None:
+        residual = residual[torch.arange(len(read), device=read.device), read][:, None]
+    return residual
+
+
+# Off only to measure what fusing the blocks gains (benchmarks/bench_gpu.py).
+_FUSED_BLOCKS = True
+
+
+def _prefix(
+    base: BaseRun, block: torch.nn.Module, layer: int, pos: int, c: int
+) -> tuple[Tensor, Tensor]:
+    """The base run's keys and values before ``pos`` in block ``layer``, for a chunk of c runs.
+
+    Chunks come position by position, so each is made once for all the chunks that start at
+    ``pos``, and those of the previous position are let go."""
+    key = (layer, pos, c)
+    if key not in base.prefixes:
+        if base.prefixes and next(iter(base.prefixes))[1] != pos:
+            base.prefixes.clear()
+        keys, values = base.keys[layer][:, :pos], base.values[layer][:, :pos]
+        base.prefixes[key] = blocks.prefix(block, keys, values, c)
+    return base.prefixes[key]
+
+
+def _causal_mask(base: BaseRun, n_query: int, pos: int, device: torch.device) -> Tensor | None:
+    """Which keys each of ``n_query`` queries after ``pos`` earlier positions sees; None when
+    there are no earlier positions (plainly causal)."""
+    if pos == 0:
+        return None
+    if (n_query, pos) not in base.masks:
+        base.masks[n_query, pos] = blocks.causal_mask(n_query, pos, device)
+    return base.masks[n_query, pos]
+
+
+def _weights(base: BaseRun, block: torch.nn.Module, layer: int) -> blocks.BlockWeights | None:
+    """The block's weights laid out for ``circuitkit.core.blocks``, once per call; None when the
+    block is not one it computes."""
+    if layer not in base.block_weights:
+        fusable = blocks.fusable(block)
+        base.block_weights[layer] = blocks.block_weights(block) if fusable else None
+    return base.block_weights[layer]
+
+
+def read_metric(
+    model: HookedTransformer,
+    residual: Tensor,
+    metric: MetricLike,
+    c: int,
+    n: int,
+    pos: int,
+    base: BaseRun,
+    *,
+    at_read: bool = False,
+) -> Tensor:
+    """The metric [c, n] of a chunk from its final residual stream [c * n, pos..., d_model],
+    which holds the positions from ``pos`` on; earlier ones are the base run's. With
+    ``at_read`` (a ``Metric`` only) the residual stream holds the read positions alone."""
+    final = base.resid[model.cfg.n_layers]
+    if isinstance(metric, Metric):
+        read = metric.positions.to(residual.device).repeat(c)
+        rows = torch.arange(c * n, device=residual.device)
+        # an example whose read position comes before ``pos`` is unchanged by the run
+        patched = residual[:, 0] if at_read else residual[rows, (read - pos).clamp(min=0)]
+        unchanged = final[rows % n, read]
+        read_resid = torch.where((read >= pos)[:, None], patched, unchanged)
+        logits = unembed_residual(model, read_resid[:, None, :], base)[:, 0]
+        # the metric in float32 whatever the model's dtype; its values are checked at the end
+        values = metric.at(logits.view(c, n, -1).float())
+        check_metric_shape(values.reshape(-1), c * n, "run_interventions")
+        return values
+    residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
+    logits = unembed_residual(model, residual).view(c, n, *residual.shape[1:2], -1)
+    return torch.stack(
+        [check_metric_shape(metric(logits[k].float()), n, "run_interventions") for k in range(c)]
+    )
+
+
+def unembed_residual(
+    model: HookedTransformer, residual: Tensor, base: BaseRun | None = None
+) -> Tensor:
+    """The logits of a final residual stream. With ``base`` (and no hook on the unembedding) the
+    unembedding's weight is laid out once per call, its vocabulary padded to a multiple of 8: a
+    vocabulary of odd size (GPT-2's 50,257) otherwise gets slow unaligned matrix kernels."""
+    if model.cfg.normalization_type is not None:
+        residual = model.ln_final(residual)
+    unembed = model.unembed
+    if base is None or any(
+        blocks.is_hooked(point) for point in (unembed.hook_in, unembed.hook_out)
+    ):
+        logits = unembed(residual)
+    else:
+        if base.unembed is None:
+            vocab = unembed.W_U.shape[1]
+            padding = -vocab % 8
+            weight = torch.nn.functional.pad(unembed.W_U.T, (0, 0, 0, padding))
+            base.unembed = weight.contiguous(), torch.nn.functional.pad(unembed.b_U, (0, padding))
+        weight, bias = base.unembed
+        logits = torch.nn.functional.linear(residual, weight, bias)[..., : unembed.W_U.shape[1]]
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def _chunk_hooks(
+    chunk: list[list[_Compiled]], c: int, n: int, pos: int, *, alone_in: int | None = None
+) -> dict[str, Callable]:
+    """One function per hook that applies all of the chunk's interventions on it at once.
+
+    The activation has c * n rows; it is viewed as [c, n, ...] so run k's interventions land on
+    block k. Interventions with the same value tensor (the usual sweep: every run patches from
+    the same cache) share one ``torch.where``; runs with their own values are stacked. Inside
+    the blocks only positions ``pos`` onwards are computed, so masks and values are cut to
+    them (to position ``pos`` alone in layer ``alone_in``); the embeddings are computed whole.
+    """
+    by_hook: dict[str, list[tuple[int, _Compiled]]] = {}
+    cuts: dict[tuple, Tensor] = {}
+    for k, items in enumerate(chunk):
+        for item in items:
+            if item.layer == alone_in:
+                item = _from_position(item, pos, cuts, length=1)
+            elif item.layer >= 0 and pos > 0:
+                item = _from_position(item, pos, cuts)
+            by_hook.setdefault(item.hook, []).append((k, item))
+    return {hook: _make_hook_fn(entries, c, n) for hook, entries in by_hook.items()}
+
+
+def _from_position(
+    item: _Compiled,
+    pos: int,
+    cuts: dict[tuple, Tensor] | None = None,
+    *,
+    length: int | None = None,
+) -> _Compiled:
+    """``item`` acting on an activation that holds only positions ``pos`` onwards (``length``
+    of them when given).
+
+    ``cuts`` keeps the cut of each tensor, so items that shared a value tensor share its cut
+    too (and ``_make_hook_fn`` still applies them together)."""
+
+    def cut(tensor: Tensor, ndim: int) -> Tensor:
+        # ``tensor`` broadcasts to an activation of ``ndim`` dims, aligned on the right
+        dim = item.pos_dim - (ndim - tensor.ndim)
+        if dim < 0 or tensor.shape[dim] == 1:
+            return tensor
+        key = (id(tensor), dim, length)
+        if cuts is None or key not in cuts:
+            size = tensor.shape[dim] - pos if length is None else length
+            narrowed = tensor.narrow(dim, pos, size)
+            if cuts is None:
+                return narrowed
+            cuts[key] = narrowed
+        return cuts[key]
+
+    ndim = max(item.mask.ndim, item.pos_dim + 1)
+    value = item.value
+    if isinstance(value, Patch):
+        value = Patch(cut(value.source, value.source.ndim))
+    elif isinstance(value, SetTo):
+        value = SetTo(cut(value.value, ndim))
+    elif isinstance(value, Add):
+        value = Add(cut(value.delta, ndim))
+    mask = cut(item.mask, item.mask.ndim)
+    # built directly: dataclasses.replace costs more than the rest of a chunk's set-up per item
+    return _Compiled(
+        item.hook, mask, value, item.layer, item.pos_dim, item.first_pos, item.last_pos, item.stays
+    )
+
+
+def _make_hook_fn(entries: list[tuple[int, _Compiled]], c: int, n: int) -> Callable:
+    # Group the entries by what they put in: one group per value tensor (zeros and each
+    # scaling factor form groups too). A group acts only on the rows of the runs that use it.
+    groups: dict[tuple, list[tuple[int, _Compiled]]] = {}
+    for k, item in entries:
+        value = item.value
+        if isinstance(value, Scale):
+            key: tuple = ("scale", float(value.factor))
+        elif isinstance(value, Zero):
+            key = ("zero",)
+        else:
+            key = (type(value).__name__, id(value_tensor(value)))
+        groups.setdefault(key, []).append((k, item))
+
+    ops = []
+    for group in groups.values():
+        by_run: dict[int, list[Tensor]] = {}
+        for k, item in group:
+            by_run.setdefault(k, []).append(item.mask)
+        runs = sorted(by_run)
+        shapes = {item.mask.shape for _, item in group}  # usually one: a sweep's masks agree
+        shape = shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
+        # one stacked [runs, ...] mask per group; a run with several entries here ORs them
+        mask = torch.stack([_union(by_run[k]).expand(shape) for k in runs])
+        device = mask.device
+        index = None if len(runs) == c else _index_tensor(runs, device)
+        ops.append((group[0][1].value, mask, index))
+
+    def fn(act: Tensor) -> Tensor:
+        out = act.reshape(c, n, *act.shape[1:])
+        copied = False
+        for value, mask, index in ops:
+            rows = out if index is None else out[index]
+            if isinstance(value, Zero):
+                rows = rows.masked_fill(mask, 0.0)
+            elif isinstance(value, Scale):
+                rows = torch.where(mask, rows * value.factor, rows)
+            elif isinstance(value, Add):
+                rows = torch.where(mask, rows + value.delta.to(rows), rows)
+            else:
+                rows = torch.where(mask, value_tensor(value).to(rows), rows)
+            if index is None:
+                out, copied = rows, True
+            else:
+                if not copied:  # the activation itself stays as the model made it
+                    out, copied = out.clone(), True
+                out[index] = rows
+        return out.view(act.shape)
+
+    return fn
+
+
+def _union(masks: list[Tensor]) -> Tensor:
+    union = masks[0]
+    for mask in masks[1:]:
+        union = union | mask
+    return union
+
+
+def bytes_per_run(
+    model: HookedTransformer, n: int, n_query: int, n_pos: int, full_logits: bool
+) -> int:
+    """A generous estimate of the activation memory one run adds to a chunk's forward pass,
+    computing ``n_query`` of the prompt's ``n_pos`` positions."""
+    cfg = model.cfg
+    d_mlp = 0 if cfg.attn_only else (cfg.d_mlp or 4 * cfg.d_model)
+    per_position = (
+        8 * cfg.d_model + 6 * cfg.n_heads * cfg.d_head + 4 * d_mlp + 3 * cfg.n_heads * n_pos
+    )
+    # the earlier positions' keys and values, kept for every layer (``_prefix``)
+    cached_keys_values = 2 * (n_pos - n_query) * cfg.n_heads * cfg.d_head * cfg.n_layers
+    outputs = (n_pos if full_logits else 1) * cfg.d_vocab * 2
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    return n * itemsize * (n_query * per_position + cached_keys_values + outputs)
+
+
+def default_memory_budget(model: HookedTransformer) -> int:
+    """Bytes of activations one chunk may use by default: half the memory of the model's GPU
+    that is free now (free on the device, or held by PyTorch's allocator and unused), or 2 GiB
+    on the CPU."""
+    device = torch.device(model.cfg.device) if model.cfg.device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + cached) * 0.5)
+    return 2 * 1024**3
+
+
+@contextmanager
+def tf32() -> Iterator[None]:
+    """Let float32 matrix products use TF32 inside the block; the previous setting comes back.
+
+    On NVIDIA GPUs from Ampere on, TF32 runs float32 matrix products on the tensor cores with
+    10-bit mantissas: several times faster, with relative errors near 1e-3 instead of 1e-6.
+    circuitkit never turns it on by itself.
+
+    Example::
+
+        with ck.tf32():
+            result = ck.activation_patching(model, ds, abc, "head", per_position=True)
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

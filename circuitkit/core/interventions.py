@@ -1,0 +1,147 @@
+"""Interventions: where in the model (a component) and what value goes there.
+
+A value is another run's activation (``Patch``), zero (``Zero``), a given tensor such as a mean
+(``SetTo``), a scaled copy (``Scale``) or added noise (``Add``). An ``Intervention`` pairs one
+with a ``Component``; a *run* is a sequence of interventions applied together in one forward
+pass. ``circuitkit.core.engine`` runs many of them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from circuitkit.core.components import Component
+from circuitkit.core.metrics import Metric
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """What an intervention puts into the selected entries of an activation: ``Patch``,
+    ``Zero``, ``SetTo``, ``Scale`` or ``Add``.
+
+    Example::
+
+        ck.Intervention(ck.Head(23, 2), ck.Scale(0.0))
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class Patch(Value):
+    """Another run's activation: ``source`` has the activation's full shape ``[n, ...]``.
+
+    Example::
+
+        _, clean_cache = model.run_with_cache(ds.tokens)
+        ck.Intervention(ck.Head(23, 2), ck.Patch(clean_cache["blocks.23.attn.hook_z"]))
+    """
+
+    source: Tensor = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Zero(Value):
+    """Zero (zero ablation).
+
+    Example::
+
+        ck.Intervention(ck.MLP(0), ck.Zero())
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class SetTo(Value):
+    """A given tensor, broadcast to the activation's shape (a mean, a direction).
+
+    Example::
+
+        mean = abc_cache["blocks.23.attn.hook_z"].mean(0)        # [pos, head, d_head]
+        ck.Intervention(ck.Head(23, 2), ck.SetTo(mean))
+    """
+
+    value: Tensor = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Value):
+    """The activation itself, multiplied by ``factor`` (0 ablates, 2 doubles).
+
+    Example::
+
+        ck.Intervention(ck.Neuron(10, 1234), ck.Scale(2.0))
+    """
+
+    factor: float
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Value):
+    """The activation plus ``delta``, broadcast to its shape (noise, a steering vector).
+
+    Example::
+
+        ck.Intervention(ck.Resid(6).at("end"), ck.Add(4.0 * direction))    # direction: [d_model]
+    """
+
+    delta: Tensor = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Put ``value`` into ``component`` (an address from ``circuitkit.core.components``).
+
+    Example::
+
+        run = [ck.Intervention(ck.Head(23, 2), ck.Zero()),
+               ck.Intervention(ck.Head(23, 0), ck.Zero())]
+        ck.run_interventions(model, ds.tokens, [run], ck.metrics.logit_diff(ds))   # [1, n]
+    """
+
+    component: Component
+    value: Value
+
+
+Run = Sequence[Intervention]
+
+
+MetricLike = Metric | Callable[[Tensor], Tensor]
+
+
+def value_tensor(value: Value) -> Tensor | None:
+    if isinstance(value, Patch):
+        return value.source
+    if isinstance(value, SetTo):
+        return value.value
+    if isinstance(value, Add):
+        return value.delta
+    return None
+
+
+def apply_value(act: Tensor, mask: Tensor, value: Value) -> Tensor:
+    """The activation with ``value`` put into the entries ``mask`` selects (reference path)."""
+    if isinstance(value, Zero):
+        return act.masked_fill(mask, 0.0)
+    if isinstance(value, Scale):
+        return torch.where(mask, act * value.factor, act)
+    if isinstance(value, Add):
+        return torch.where(mask, act + value.delta.to(act), act)
+    tensor = value_tensor(value)
+    return torch.where(mask, tensor.to(act), act)  # type: ignore[union-attr]
+
+
+__all__ = [
+    "Add",
+    "Intervention",
+    "MetricLike",
+    "Patch",
+    "Run",
+    "Scale",
+    "SetTo",
+    "Value",
+    "Zero",
+    "apply_value",
+    "value_tensor",
+]

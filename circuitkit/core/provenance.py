@@ -1,0 +1,283 @@
+"""Provenance: a record, kept with every result, of how it was made.
+
+A number in a notebook is worth keeping only if one can later tell what produced it: which
+method with which arguments, which model (and exactly which weights: a fine-tuned or edited
+copy carries the same name), which prompts, which metric, which versions of the code, on which
+device, and when. ``record`` gathers all of that into a plain JSON-ready dict, which a method
+attaches to its ``Result`` in one call::
+
+    prov = provenance.record(model, method="ablate", args={"method": "mean", "components": comps},
+                             data={"base": ds, "reference": abc}, metric=metric)
+    return Result.from_examples(examples, axes, labels, ..., provenance=prov)
+
+``result.provenance`` holds the record in full (for reports and saved results); the result's
+repr shows a short form (``short``).
+
+How values are written down. Arguments become JSON: numbers, strings and ``None`` as they are;
+lists, tuples and dicts element by element (sets sorted); a tensor as its shape, dtype and the
+SHA-256 of its bytes; a component (``Head(9, 9)``) as its repr; a dataset as its own
+``.provenance`` record (``IOIDataset`` has one: n, seed, corruption, templates, ...); a metric
+as its name; anything else as its type and repr.
+
+The weights' fingerprint (``fingerprint``) is a SHA-256 over every parameter's name, dtype,
+shape and bytes: all bytes, so any change to any weight changes it, including edits made
+through ``param.data`` that leave no trace in PyTorch's version counters. It is recomputed on
+every call rather than cached, so it can never go stale; the parameters are hashed in parallel
+threads (``hashlib`` releases the GIL), which keeps it fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import platform
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from circuitkit.core.metrics import Metric
+from circuitkit.core.version import __version__
+
+_MAX_THREADS = 16
+T = TypeVar("T")
+
+
+def record(
+    model: torch.nn.Module | None,
+    *,
+    method: str,
+    args: Mapping[str, Any] | None = None,
+    data: Any = None,
+    metric: Any = None,
+) -> dict[str, Any]:
+    """A JSON-ready record of how a result is being made, to pass as ``Result(provenance=...)``.
+
+    ``method`` names the method ("activation_patching"); ``args`` are the arguments that shape
+    the result (leave out those that do not, such as ``progress``); ``data`` is the dataset, the
+    token tensor, or a dict of them by role (``{"clean": ds, "corrupted": abc}``); ``metric`` is
+    the metric object or callable. The record holds those, written down as the module docstring
+    says, with the model's name, configuration and weight fingerprint, the device and dtype,
+    the versions of circuitkit, TransformerLens, PyTorch and Python, and a UTC timestamp.
+
+    Example::
+
+        prov = ck.provenance.record(model, method="ablate", args={"method": "mean"},
+                                    data=ds, metric=metric)
+        prov["model"]["fingerprint"]      # 'sha256:4c1f...'
+    """
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"provenance.record: method must be a non-empty string, got {method!r}")
+    if args is not None and not isinstance(args, Mapping):
+        raise ValueError(
+            f"provenance.record: args must be a dict of argument names to values, got "
+            f"{type(args).__name__}"
+        )
+    if isinstance(data, Mapping) and not hasattr(data, "provenance"):
+        data_record = {str(role): describe(value) for role, value in data.items()}
+    else:
+        data_record = describe(data)
+    return {
+        "method": method,
+        "args": {str(name): describe(value) for name, value in (args or {}).items()},
+        "model": _model_record(model),
+        "data": data_record,
+        "metric": None if metric is None else metric_name(metric),
+        "versions": _versions(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def record_alongside(
+    model: torch.nn.Module, work: Callable[[], T], **record_args: Any
+) -> tuple[T, dict[str, Any]]:
+    """``(work(), record(model, **record_args))``, the record made while ``work`` runs.
+
+    The costly part of a record is the weight fingerprint: every weight is copied to the CPU
+    and hashed. For a model on a GPU it is computed in a background thread, its copies queued
+    on a side CUDA stream that waits for the work queued before this call (an in-place edit of
+    a weight, say) but not for ``work``'s, so the hashing overlaps ``work``'s GPU computation.
+    On the CPU the two run one after the other. If ``work`` raises, so does this, once the
+    record is done.
+
+    Example::
+
+        values, prov = ck.provenance.record_alongside(
+            model, lambda: run_interventions(model, tokens, runs, metric),
+            method="my_sweep", data=tokens, metric=metric)
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type != "cuda":
+        value = work()
+        return value, record(model, **record_args)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+
+    def in_background() -> dict[str, Any]:
+        with torch.cuda.stream(side):
+            return record(model, **record_args)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        made = pool.submit(in_background)
+        value = work()
+        return value, made.result()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """``"sha256:<hex>"`` over every parameter's name, dtype, shape and bytes, in order.
+
+    The same weights give the same fingerprint on any device; a weight changed in any way gives
+    another. Parameters are hashed in parallel threads; on a GPU each is copied to the CPU first,
+    on the caller's current CUDA stream.
+
+    Example::
+
+        before = ck.provenance.fingerprint(model)
+        saved = model.W_O.data[23, 2].clone()
+        model.W_O.data[23, 2] = 0
+        ck.provenance.fingerprint(model) != before      # True
+        model.W_O.data[23, 2] = saved
+    """
+    params = list(model.named_parameters())
+    threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(params)))
+    on_gpu = [param.device for _, param in params if param.is_cuda]
+    # the current stream is per thread: the workers copy on the caller's
+    stream = torch.cuda.current_stream(on_gpu[0]) if on_gpu else None
+
+    def digest(named: tuple[str, Tensor]) -> str:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return tensor_digest(named[1])
+
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = list(pool.map(digest, params))
+    total = hashlib.sha256()
+    for (name, param), digest in zip(params, digests, strict=True):
+        total.update(f"{name}|{param.dtype}|{tuple(param.shape)}|{digest}\n".encode())
+    return "sha256:" + total.hexdigest()
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """The SHA-256 (hex) of a tensor's bytes in row-major order, on any device and dtype.
+
+    Example::
+
+        tensor_digest(ds.tokens) == tensor_digest(ds.tokens.clone())   # True
+    """
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return hashlib.sha256(memoryview(flat.view(torch.uint8).numpy())).hexdigest()
+
+
+def describe(value: Any) -> Any:
+    """``value`` written down as JSON: see the module docstring for each kind of value.
+
+    Example::
+
+        describe({"n": 100, "tokens": ds.tokens})   # {'n': 100, 'tokens': {'tensor': [...], ...}}
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, Tensor):
+        return {
+            "tensor": list(value.shape),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "sha256": tensor_digest(value),
+        }
+    if isinstance(getattr(value, "provenance", None), Mapping):
+        return dict(value.provenance)
+    if isinstance(value, Mapping):
+        return {str(key): describe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((describe(item) for item in value), key=repr)
+    if isinstance(value, slice):
+        return repr(value)
+    if isinstance(value, Metric):
+        return {"metric": value.name}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return repr(value)  # components, interventions: their repr is their address
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return describe(value.item())  # numpy scalars
+    return {"type": type(value).__name__, "repr": repr(value)[:200]}
+
+
+def metric_name(metric: Any) -> str:
+    """A metric's short name: ``Metric.name``, a function's ``__name__``, or its type.
+
+    Example::
+
+        metric_name(ck.metrics.logit_diff(ds))      # 'logit_diff'
+    """
+    return str(getattr(metric, "name", None) or getattr(metric, "__name__", type(metric).__name__))
+
+
+def short(provenance: Mapping[str, Any]) -> str:
+    """One line for a repr: the model, the first 8 hex digits of its fingerprint, and when.
+
+    Example::
+
+        short(result.provenance)    # 'smollm2-135m sha256:4c1f9a02, 2025-06-01 12:00 UTC'
+    """
+    parts = []
+    model = provenance.get("model") or {}
+    if model:
+        fingerprint_hex = str(model.get("fingerprint", "")).removeprefix("sha256:")
+        parts.append(f"{model.get('name', '?')} sha256:{fingerprint_hex[:8]}")
+    timestamp = provenance.get("timestamp")
+    if isinstance(timestamp, str) and len(timestamp) >= 16:
+        parts.append(f"{timestamp[:10]} {timestamp[11:16]} UTC")
+    return ", ".join(parts)
+
+
+def _model_record(model: torch.nn.Module | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    cfg = getattr(model, "cfg", None)
+    device = getattr(cfg, "device", None)
+    if device is None:
+        device = next((p.device for p in model.parameters()), "cpu")
+    dtype = getattr(cfg, "dtype", None)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters()), None)
+    out: dict[str, Any] = {
+        "name": getattr(cfg, "model_name", None) or type(model).__name__,
+        "fingerprint": fingerprint(model),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    if cfg is not None:
+        for key in ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_vocab"):
+            out[key] = describe(getattr(cfg, key, None))
+        out["architecture"] = describe(getattr(cfg, "original_architecture", None))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "circuitkit": __version__,
+        "transformer_lens": _package_version("transformer-lens"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["record", "fingerprint", "tensor_digest", "describe", "metric_name", "short"]

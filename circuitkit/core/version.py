@@ -1,0 +1,3 @@
+"""circuitkit's version."""
+
+__version__ = "0.1.0.dev0"

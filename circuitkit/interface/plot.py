@@ -1,0 +1,299 @@
+"""Plotly figures of results: lines or bars for 1-D results, heatmaps for 2-D and 3-D ones, with
+the uncertainty of every effect shown.
+
+``ck.plot(result)`` draws any ``Result`` with its axes and labels; 3-D results become one heatmap
+per index of the first axis, as facets. When the result kept its per-example values, each
+effect gets an interval (``error="ci"``: the percentile bootstrap interval of ``Result.ci``;
+``error="sem"``: the normal interval ``value ± z·sem``, z = 1.96 for 95%). Lines and bars carry
+the interval as error bars; heatmaps fade the cells whose interval includes zero under a
+semi-transparent white layer and mark each with a slash (plotly heatmaps cannot be hatched),
+and show the interval on hover. The subtitle says which interval is drawn. Figures are plain
+``plotly.graph_objects.Figure`` objects; nothing here changes plotly's global settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import NormalDist
+from typing import Any, Literal
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.results import Result
+from circuitkit.methods.causal_tracing import CausalTrace
+
+# Opacity of the white layer over cells whose interval includes zero.
+_FADE_OPACITY = 0.7
+_SLASH_COLOUR = "rgba(60, 60, 60, 0.7)"
+
+
+def plot(
+    result: Result | CausalTrace | Sequence[CausalTrace],
+    *,
+    title: str | None = None,
+    error: Literal["ci", "sem"] | None = "ci",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+    kind: Literal["line", "bar"] = "line",
+    **layout: Any,
+) -> go.Figure:
+    """A labelled plotly figure of ``result``, with the uncertainty of each effect.
+
+    1-D results are a line (or bars with ``kind="bar"``) with error bars; 2-D results a heatmap
+    centred at zero, rows the first axis, cells whose interval includes zero faded and slashed
+    (hover shows the interval); 3-D results one such heatmap per index of the first axis.
+    ``error`` picks the interval: "ci" (bootstrap, ``level``, ``n_boot`` draws, ``seed``),
+    "sem" (normal, ``value ± z·sem`` at ``level``) or None (none drawn). Results without
+    per-example values are drawn without intervals. A ``CausalTrace``, or a list of them, is
+    drawn by ``plot_causal_trace``. ``layout`` goes to ``fig.update_layout``.
+
+    Example::
+
+        fig = ck.plot(ck.activation_patching(model, ds, abc, component="head"))
+        fig.show()
+    """
+    if not isinstance(result, Result):
+        traces = [result] if isinstance(result, CausalTrace) else result
+        if not isinstance(traces, (list, tuple)) or not all(
+            isinstance(t, CausalTrace) for t in traces
+        ):
+            raise ShapeError(
+                f"plot: expected a Result, a CausalTrace or a list of them, got {type(result)}"
+            )
+        return plot_causal_trace(*traces, title=title, **layout)
+    if error not in ("ci", "sem", None):
+        raise CircuitkitError(f"plot: error must be 'ci', 'sem' or None, got {error!r}")
+    if kind not in ("line", "bar"):
+        raise CircuitkitError(f"plot: kind must be 'line' or 'bar', got {kind!r}")
+    values = result.values.detach().float().cpu()
+    if not 1 <= values.ndim <= 3:
+        raise ShapeError(
+            f"plot: can draw results with 1 to 3 axes, this one has {result.axes}; "
+            "select a slice first"
+        )
+    interval = _interval(result, error, level, n_boot, seed)
+    if values.ndim == 1:
+        fig = _line(result, values, interval, kind)
+    elif values.ndim == 2:
+        fig = go.Figure(_heatmaps(result, values, interval, *result.axes))
+        fig.update_yaxes(title_text=result.axes[0], autorange="reversed")
+        fig.update_xaxes(title_text=result.axes[1])
+    else:
+        fig = _facets(result, values, interval)
+    title = title if title is not None else _default_title(result)
+    note = _note(result, error, level, values.ndim) if interval is not None else ""
+    fig.update_layout(
+        title=f"{title}<br><sup>{note}</sup>" if note else title,
+        template="plotly_white",
+        **layout,
+    )
+    return fig
+
+
+def _interval(
+    result: Result, error: str | None, level: float, n_boot: int, seed: int
+) -> tuple[Tensor, Tensor] | None:
+    """``(low, high)`` per cell as float32 CPU tensors, or None when none is drawn."""
+    if error is None or result.examples is None or result.examples.shape[-1] < 2:
+        return None
+    if error == "ci":
+        low, high = result.ci(level, n_boot=n_boot, seed=seed)
+    else:
+        if not 0 < level < 1:
+            raise CircuitkitError(f"plot: level must be between 0 and 1, got {level}")
+        half = NormalDist().inv_cdf((1 + level) / 2) * result.sem()
+        low, high = result.values - half, result.values + half
+    return low.detach().float().cpu(), high.detach().float().cpu()
+
+
+def _note(result: Result, error: str | None, level: float, ndim: int) -> str:
+    kind = "bootstrap interval" if error == "ci" else "normal interval (± z·sem)"
+    what = "error bars" if ndim == 1 else "faded, slashed cells: the interval includes 0"
+    return f"{what} · {level:.0%} {kind} over n={result.n_examples} examples"
+
+
+def _default_title(result: Result) -> str:
+    method = result.method.replace("_", " ") if result.method else "result"
+    return f"{method} ({result.metric})" if result.metric else method
+
+
+def _line(
+    result: Result, values: Tensor, interval: tuple[Tensor, Tensor] | None, kind: str
+) -> go.Figure:
+    axis = result.axes[0]
+    error = None
+    if interval is not None:
+        low, high = interval
+        error = dict(
+            type="data",
+            symmetric=False,
+            array=(high - values).clamp(min=0).tolist(),
+            arrayminus=(values - low).clamp(min=0).tolist(),
+            visible=True,
+        )
+    trace = go.Bar if kind == "bar" else go.Scatter
+    extra = {} if kind == "bar" else {"mode": "lines+markers"}
+    fig = go.Figure(
+        trace(
+            x=result.labels[axis],
+            y=values.tolist(),
+            error_y=error,
+            name=result.metric or "value",
+            **extra,
+        )
+    )
+    fig.update_xaxes(title_text=axis, type="category")
+    fig.update_yaxes(title_text=result.metric or "value")
+    return fig
+
+
+def _heatmaps(
+    result: Result,
+    values: Tensor,
+    interval: tuple[Tensor, Tensor] | None,
+    row_axis: str,
+    col_axis: str,
+    show_scale: bool = True,
+    bound: float | None = None,
+) -> list[go.Heatmap]:
+    """The heatmap of ``values`` and, with an interval, the layers that mark uncertain cells:
+    a semi-transparent white heatmap over them and a slash in each.
+
+    The colour scale runs from ``-bound`` to ``bound`` (default: the largest ``|value|``).
+    """
+    bound = bound if bound is not None else float(values.abs().max()) or 1.0
+    hover = f"{row_axis} %{{y}}<br>{col_axis} %{{x}}<br>value %{{z:.4f}}"
+    customdata = None
+    if interval is not None:
+        customdata = torch.stack(interval, dim=-1).tolist()
+        hover += "<br>interval [%{customdata[0]:.4f}, %{customdata[1]:.4f}]"
+    heatmap = go.Heatmap(
+        z=values.tolist(),
+        x=result.labels[col_axis],
+        y=result.labels[row_axis],
+        customdata=customdata,
+        colorscale="RdBu",
+        zmid=0.0,
+        zmin=-bound,
+        zmax=bound,
+        showscale=show_scale,
+        colorbar=dict(title=result.metric or "value"),
+        hovertemplate=hover + "<extra></extra>",
+    )
+    if interval is None:
+        return [heatmap]
+    low, high = interval
+    spans_zero = (low <= 0) & (high >= 0)
+    rows, cols = result.labels[row_axis], result.labels[col_axis]
+    fade = go.Heatmap(
+        z=[[1.0 if cell else None for cell in row] for row in spans_zero.tolist()],
+        x=cols,
+        y=rows,
+        colorscale=[[0.0, "white"], [1.0, "white"]],
+        opacity=_FADE_OPACITY,
+        showscale=False,
+        hoverinfo="skip",
+        name="interval includes 0",
+    )
+    # A slash in each faded cell, so a faded strong effect does not read as a weak one.
+    where = spans_zero.nonzero().tolist()
+    slashes = go.Scatter(
+        x=[cols[j] for _, j in where],
+        y=[rows[i] for i, _ in where],
+        mode="markers",
+        marker=dict(symbol="line-ne", size=12, line=dict(width=1, color=_SLASH_COLOUR)),
+        hoverinfo="skip",
+        showlegend=False,
+        name="interval includes 0",
+    )
+    return [heatmap, fade, slashes]
+
+
+def _facets(result: Result, values: Tensor, interval: tuple[Tensor, Tensor] | None) -> go.Figure:
+    outer, row_axis, col_axis = result.axes
+    labels = result.labels[outer]
+    cols = min(4, len(labels))
+    rows = -(-len(labels) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{outer} {x}" for x in labels])
+    bound = float(values.abs().max()) or 1.0  # one colour scale for all facets
+    for i in range(len(labels)):
+        facet_interval = None if interval is None else (interval[0][i], interval[1][i])
+        traces = _heatmaps(
+            result, values[i], facet_interval, row_axis, col_axis, show_scale=(i == 0), bound=bound
+        )
+        for trace in traces:
+            fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+_TRACE_COLORS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+_TRACE_NAMES = {"resid": "the residual stream", "mlp": "MLP outputs", "attn": "attention outputs"}
+
+
+def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> go.Figure:
+    """ROME-style heatmaps of one to three causal traces, side by side.
+
+    Each panel has the prompt's tokens as rows (subject tokens marked ``*``) and layers as
+    columns; the colour is the target's probability in the restored run, from the corrupted
+    probability (light) up. Residual-stream traces are purple, MLP green, attention red, as in
+    the paper.
+
+    Example::
+
+        traces = [ck.causal_trace(model, prompt, subject, target, kind=k)
+                  for k in ("resid", "mlp", "attn")]
+        ck.plot_causal_trace(*traces).show()
+    """
+    if not 1 <= len(traces) <= 3:
+        raise ShapeError(f"plot_causal_trace: give one to three traces, got {len(traces)}")
+    titles = []
+    for trace in traces:
+        window = f", {trace.window} layer window" if trace.window > 1 else ""
+        titles.append(f"Restoring {_TRACE_NAMES[trace.kind]}{window}")
+    fig = make_subplots(rows=1, cols=len(traces), subplot_titles=titles, horizontal_spacing=0.2)
+    for i, trace in enumerate(traces):
+        scores = trace.scores
+        values = scores.values.detach().float().cpu()
+        low = min(trace.corrupted_prob, float(values.min()))
+        high = max(float(values.max()), low + 1e-9)
+        fig.add_trace(
+            go.Heatmap(
+                z=values.T.tolist(),
+                x=scores.labels["layer"],
+                y=scores.labels["pos"],
+                colorscale=_TRACE_COLORS[trace.kind],
+                zmin=low,
+                zmax=high,
+                # each panel's colour bar sits just right of its own panel
+                colorbar=dict(
+                    title=dict(text=scores.metric, side="right"),
+                    x=fig.get_subplot(1, i + 1).xaxis.domain[1] + 0.01,
+                    xanchor="left",
+                    len=0.9,
+                    thickness=12,
+                ),
+                hovertemplate="layer %{x}<br>token %{y}<br>p %{z:.4f}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
+        fig.update_xaxes(title_text="layer", type="category", row=1, col=i + 1)
+    fig.update_yaxes(autorange="reversed", type="category")
+    first = traces[0]
+    default = (
+        f"Causal trace of {first.scores.metric}: clean {first.clean_prob:.3f}, "
+        f"corrupted {first.corrupted_prob:.3f}"
+    )
+    fig.update_layout(
+        title=title if title is not None else default,
+        template="plotly_white",
+        width=400 * len(traces) + 60,
+        **layout,
+    )
+    return fig

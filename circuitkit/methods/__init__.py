@@ -1,0 +1,1 @@
+"""The methods, one module each, every one compiled to the intervention engine of ``core``."""

@@ -1,0 +1,211 @@
+"""The inputs of the tracing methods: token ids, targets, layers, positions and the clean run.
+
+Shared by ``causal_tracing``, ``neuron_interventions`` and ``causal_effects``; each checks its
+arguments here, so the three say the same thing about the same mistake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from circuitkit.core.components import (
+    MLP,
+    Attn,
+    Component,
+    Resid,
+)
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
+from circuitkit.core.metrics import Metric
+
+Kind = Literal["resid", "mlp", "attn"]
+KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
+
+
+def as_input_ids(model: HookedTransformer, input_ids: Any, where: str) -> tuple[Tensor, bool]:
+    """``(tokens [batch, pos] on the model's device, whether the input was one sequence)``."""
+    if isinstance(input_ids, str):
+        if model.tokenizer is None:
+            raise TokenizationError(f"{where}: this model has no tokenizer; pass token ids")
+        return model.to_tokens(input_ids), True
+    if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or input_ids.ndim > 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+        raise ShapeError(
+            f"{where}: input_ids must be a string or an integer [pos] or [batch, pos] tensor, "
+            f"got {shape}"
+        )
+    if input_ids.ndim == 0:
+        raise ShapeError(f"{where}: input_ids must be [pos] or [batch, pos], got a scalar")
+    single = input_ids.ndim == 1
+    tokens = input_ids[None] if single else input_ids
+    if tokens.shape[1] == 0:
+        raise ShapeError(f"{where}: input_ids has no positions")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ShapeError(
+            f"{where}: input_ids has {tokens.shape[1]} positions but the model's context is "
+            f"{model.cfg.n_ctx}"
+        )
+    check_token_ids(model, tokens, "input_ids", where)
+    return tokens.long().to(model.cfg.device), single
+
+
+def check_token_ids(model: HookedTransformer, ids: Tensor, name: str, where: str) -> None:
+    vocab = model.cfg.d_vocab
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise TokenizationError(
+            f"{where}: {name} holds token id {bad}, outside the vocabulary 0..{vocab - 1}"
+        )
+
+
+def single_token(model: HookedTransformer, token: Any, name: str, where: str) -> int:
+    """The id of ``token``: an int id, or a string that must be exactly one token."""
+    if isinstance(token, bool) or not isinstance(token, (int, str)):
+        raise TokenizationError(
+            f"{where}: {name} must be a token id or a one-token string such as ' Paris', "
+            f"got {token!r}"
+        )
+    if isinstance(token, int):
+        check_token_ids(model, torch.tensor([token]), name, where)
+        return token
+    if model.tokenizer is None:
+        raise TokenizationError(f"{where}: this model has no tokenizer; give {name} as a token id")
+    ids = model.to_tokens(token, prepend_bos=False)[0]
+    if ids.shape[0] != 1:
+        pieces = model.to_str_tokens(ids)
+        raise TokenizationError(
+            f"{where}: {name} {token!r} is {ids.shape[0]} tokens {pieces}, expected exactly one "
+            "(mind the leading space: ' Paris', not 'Paris')"
+        )
+    return int(ids[0])
+
+
+def checked_targets(model: HookedTransformer, target: Any, n: int, name: str, where: str) -> Tensor:
+    """``[n]`` token ids: one token for every example, or one per example."""
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.shape not in ((n,), ()):
+            raise ShapeError(
+                f"{where}: {name} as a tensor must hold {n} integer token ids, got shape "
+                f"{tuple(target.shape)}"
+            )
+        check_token_ids(model, target, name, where)
+        return target.long().cpu().expand(n).clone()
+    if isinstance(target, (list, tuple)):
+        if len(target) != n:
+            raise ShapeError(f"{where}: {name} lists {len(target)} tokens for {n} examples")
+        return torch.tensor([single_token(model, t, name, where) for t in target])
+    return torch.full((n,), single_token(model, target, name, where))
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The layers of a window of ``window`` layers centred on ``layer``, clipped at the ends.
+
+    ROME's rule: ``max(0, layer - window // 2) .. min(n_layers, layer - (-window // 2))``, so a
+    window of 1 is the layer itself and a window of 10 is ``layer - 5 .. layer + 4``.
+    """
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def kind_component(kind: str, layer: int) -> Component:
+    if kind == "resid":
+        return Resid(layer, "post")
+    if kind == "mlp":
+        return MLP(layer)
+    return Attn(layer)
+
+
+def check_kind(model: HookedTransformer, kind: str, where: str) -> None:
+    if kind not in KINDS:
+        raise CircuitkitError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
+    if kind == "mlp" and model.cfg.attn_only:
+        raise ComponentError(f"{where}: kind 'mlp' needs MLP layers; this model is attention-only")
+
+
+def check_window(window: Any, where: str) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise CircuitkitError(
+            f"{where}: window must be a positive number of layers, got {window!r}"
+        )
+    return window
+
+
+def checked_layers(model: HookedTransformer, layers: Sequence[int] | None, where: str) -> list[int]:
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        return list(range(n_layers))
+    out = [int(x) for x in layers]
+    if not out:
+        raise ComponentError(f"{where}: layers is empty; give at least one of 0..{n_layers - 1}")
+    for layer in out:
+        if not 0 <= layer < n_layers:
+            raise ComponentError(
+                f"{where}: layer {layer} is out of range; this model has layers 0..{n_layers - 1}"
+            )
+    return out
+
+
+def checked_positions(positions: Sequence[int] | None, n_pos: int, where: str) -> list[int]:
+    if positions is None:
+        return list(range(n_pos))
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
+            raise ComponentError(
+                f"{where}: position {p!r} is outside the prompt, which has positions 0..{n_pos - 1}"
+            )
+        out.append(p % n_pos)
+    if not out:
+        raise ComponentError(f"{where}: positions is empty; give at least one of 0..{n_pos - 1}")
+    return out
+
+
+def cache_of(
+    model: HookedTransformer, tokens: Tensor, components: Sequence[Component], fwd_hooks=()
+) -> dict[str, Tensor]:
+    """The activations of ``components`` (by hook name) in one forward, with ``fwd_hooks``."""
+    names = {comp.hook_name(model) for comp in components}
+    cache: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        cache[hook.name] = act.detach().clone()
+
+    # nothing after the last cached layer is needed
+    stop = max(comp.layer for comp in components) + 1
+    model.run_with_hooks(
+        tokens,
+        fwd_hooks=[*fwd_hooks, *((name, save) for name in names)],
+        stop_at_layer=max(stop, 1),
+    )
+    return cache
+
+
+def prob_metric(target_ids: Tensor, read: Tensor) -> Metric:
+    """The probability of ``target_ids[i]`` at position ``read[i]``, per example."""
+
+    def fn(logits_at: Tensor) -> Tensor:
+        index = target_ids.to(logits_at.device).expand(logits_at.shape[:-1]).unsqueeze(-1)
+        return logits_at.float().log_softmax(-1).gather(-1, index).squeeze(-1).exp()
+
+    return Metric("prob", read, fn)
+
+
+__all__ = [
+    "KINDS",
+    "Kind",
+    "as_input_ids",
+    "check_token_ids",
+    "single_token",
+    "checked_targets",
+    "window_layers",
+    "kind_component",
+    "check_kind",
+    "check_window",
+    "checked_layers",
+    "checked_positions",
+    "cache_of",
+    "prob_metric",
+]
