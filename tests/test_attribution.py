@@ -250,7 +250,8 @@ def test_ioi_command_sections(tiny_llama):
 
     ds, logits, full = run(tiny_llama)
     end = ds.positions["end"]
-    logits_at, merged = ioi_report._clean_run(tiny_llama, ds.tokens, end, batch_size=4)  # two batches
+    # two batches
+    logits_at, merged = ioi_report._clean_run(tiny_llama, ds.tokens, end, batch_size=4)
     torch.testing.assert_close(logits_at, logits[torch.arange(ds.n), end], atol=1e-5, rtol=0)
     heads = ck.direct_logit_attribution(tiny_llama, merged, ds, by="head")
     torch.testing.assert_close(

@@ -231,3 +231,21 @@ def test_layers_restrict_a_sweep_to_those_layers(tiny_llama):
             ck.activation_patching(tiny_llama, clean, corrupted, "head", metric, layers=bad)
     with pytest.raises(CircuitkitError, match="layers= restricts a kind"):
         ck.activation_patching(tiny_llama, clean, corrupted, [ck.MLP(0)], metric, layers=[0])
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_baseline_is_the_unpatched_base_run(tiny_gpt2, direction):
+    clean, corrupted, metric = random_pair(tiny_gpt2, seed=11)
+    plain = lambda logits: metric(logits)  # noqa: E731 (a plain callable, as most users write)
+    for given in (metric, plain):
+        result = ck.activation_patching(
+            tiny_gpt2, clean, corrupted, "head", metric=given, direction=direction, progress=False
+        )
+        base = corrupted if direction == "denoise" else clean
+        torch.testing.assert_close(result.baseline(), metric(tiny_gpt2(base)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            result.effect().values,
+            result.values - metric(tiny_gpt2(base)).mean(),
+            atol=1e-5,
+            rtol=0,
+        )

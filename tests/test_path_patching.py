@@ -375,3 +375,21 @@ def test_fast_equals_reference_on_smollm(smollm):
     ]
     assert equal(keys[0], keys[1])
     assert (keys[0] - metric(smollm(clean.tokens)).cpu()).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_baseline_is_the_unpatched_base_run_and_top_ranks_changes(tiny_gpt2, direction):
+    clean, corrupted, metric, _ = random_pair(tiny_gpt2, seed=5)
+    result = ck.path_patching(
+        tiny_gpt2, clean, corrupted, "heads", "logits", metric, direction=direction, progress=False
+    )
+    base = clean.tokens if direction == "noise" else corrupted.tokens
+    with torch.no_grad():
+        expected = metric(tiny_gpt2(base))
+    torch.testing.assert_close(result.baseline(), expected, atol=1e-5, rtol=0)
+    change = result.examples - expected
+    ((cell, effect),) = result.top(1)
+    best = change.mean(-1).abs().flatten().argmax()
+    layer, head = divmod(int(best), tiny_gpt2.cfg.n_heads)
+    assert cell == {"layer": layer, "head": head}
+    assert effect == pytest.approx(float(change.mean(-1).flatten()[best]), abs=1e-5)

@@ -475,3 +475,57 @@ def test_intervals_and_comparison_on_smollm(smollm, tmp_path):
     comparison = result.compare((0,), (1,), seed=0)
     assert comparison.difference > 1 and comparison.ci_low > 0 and comparison.p_value < 0.05
     assert Result.load(result.save(tmp_path / "real")).equals(result)
+
+
+def _with_baseline(examples: torch.Tensor, baseline: torch.Tensor) -> Result:
+    return Result.from_examples(
+        examples,
+        ("layer", "head"),
+        {"layer": ["0", "1"], "head": ["0", "1", "2"]},
+        info={"baseline": float(baseline.mean()), "baseline_examples": baseline},
+    )
+
+
+def test_top_ranks_by_the_change_from_the_baseline_and_returns_integer_labels():
+    generator = torch.Generator().manual_seed(0)
+    baseline = 4.0 + torch.randn(5, generator=generator)
+    examples = baseline + 0.01 * torch.randn(2, 3, 5, generator=generator)
+    examples[1, 2] -= 1.5  # the one patch that matters: it lowers the metric by about 1.5
+    result = _with_baseline(examples, baseline)
+    # by raw value every cell is about 4; by effect cell (1, 2) stands out
+    ((cell, effect),) = result.top(1)
+    assert cell == {"layer": 1, "head": 2}
+    assert isinstance(cell["layer"], int) and isinstance(cell["head"], int)
+    expected = float((examples[1, 2] - baseline).mean())
+    assert effect == pytest.approx(expected, abs=1e-6)
+    assert "largest |effect|" in repr(result) and "layer=1, head=2" in repr(result)
+    # by_abs=False: the largest signed change, not the most negative one
+    assert result.top(1, by_abs=False)[0][0] != {"layer": 1, "head": 2}
+
+
+def test_effect_is_minus_the_baseline_and_has_no_baseline_left():
+    baseline = torch.tensor([1.0, 2.0, 3.0])
+    examples = torch.arange(18.0).reshape(2, 3, 3)
+    result = _with_baseline(examples, baseline)
+    effect = result.effect()
+    torch.testing.assert_close(effect.examples, examples - baseline)
+    assert effect.baseline() is None and effect.effect() is effect
+    assert effect.top(1) == result.top(1)
+
+
+def test_a_result_without_a_baseline_ranks_by_value():
+    values = torch.tensor([[0.5, -3.0], [2.0, 1.0]])
+    result = Result(values, ("layer", "pos"), {"layer": ["0", "1"], "pos": ["0: When", "1: Mary"]})
+    assert result.baseline() is None
+    assert result.top(2) == [
+        ({"layer": 0, "pos": "1: Mary"}, -3.0),
+        ({"layer": 1, "pos": "0: When"}, 2.0),
+    ]
+    assert "largest |value|" in repr(result)
+
+
+@pytest.mark.parametrize("k", [-1, 1.5, True, "3"])
+def test_top_rejects_a_bad_k(k):
+    result = Result(torch.zeros(2), ("layer",), {})
+    with pytest.raises(CircuitkitError, match="Result.top: k must be a non-negative integer"):
+        result.top(k)

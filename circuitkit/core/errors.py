@@ -2,6 +2,7 @@
 
 Every error is a ``ValueError`` subclass (or ``ValueError`` itself) whose message names the
 function, what was given and what was expected, so a notebook user can act on it at once.
+``TokenizationWarning`` is the one warning: input that is valid but probably not what was meant.
 """
 
 from __future__ import annotations
@@ -70,4 +71,17 @@ class ResultFileError(CircuitkitError):
     Example::
 
         ck.Result.load("truncated.pt")
+    """
+
+
+class TokenizationWarning(UserWarning):
+    """A word given as text is probably not the token that was meant.
+
+    A warning, not an error: the text is a valid token, only an unlikely one, such as
+    a target without its leading space after a prompt that does not end in one.
+
+    Example::
+
+        ck.causal_trace(model, "The Eiffel Tower is in the city of", "Eiffel Tower", "Paris")
+        # TokenizationWarning: causal_trace: target 'Paris' has no leading space ...
     """

@@ -51,6 +51,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ from circuitkit.core.provenance import short
 
 # A cell of a result: labels by axis ({"layer": 9, "head": 9}) or one index per axis ((9, 9)).
 Cell = Union[Mapping[str, Any], Sequence[int]]  # noqa: UP007 (a runtime alias on 3.10)
+
+# The keys of ``Result.info`` that hold the baseline run's metric (``Result.baseline``).
+_BASELINE_KEYS = ("baseline", "baseline_examples")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 # Bytes of float64 bootstrap means (or resampling weights) held at once.
 _BOOTSTRAP_BLOCK_BYTES = 64 * 2**20
@@ -235,16 +240,61 @@ class Result:
             test=test,
         )
 
-    def label_of(self, index: Sequence[int]) -> dict[str, str]:
-        return {axis: self.labels[axis][i] for axis, i in zip(self.axes, index, strict=True)}
+    def label_of(self, index: Sequence[int]) -> dict[str, int | str]:
+        """The labels of the cell at ``index``, by axis; integer labels as ints."""
+        return {
+            axis: _label_value(self.labels[axis][i])
+            for axis, i in zip(self.axes, index, strict=True)
+        }
 
     def index_of(self, cell: Cell) -> tuple[int, ...]:
         """The index of a cell given by label per axis (``{"layer": 9, "head": 9}``) or index."""
         return self._index(cell, "Result.index_of")
 
-    def top(self, k: int = 10, *, by_abs: bool = True) -> list[tuple[dict[str, str], float]]:
-        """The ``k`` largest cells (by absolute value unless ``by_abs=False``), labelled."""
-        flat = self.values.flatten()
+    def baseline(self) -> Tensor | None:
+        """The metric of the run with no intervention, per example (``[n]``) where the result
+        kept it, else its mean as a 0-d tensor; None for a result without one.
+
+        Sweeps of interventions record it in ``info["baseline"]`` (the mean) and
+        ``info["baseline_examples"]``: the unpatched base run of activation and path patching,
+        the unablated run of an ablation sweep, the base run of attribution patching. Direct
+        logit attribution and other results that are effects already have none.
+        """
+        examples = self.info.get("baseline_examples")
+        if isinstance(examples, Tensor):
+            return examples
+        mean = self.info.get("baseline")
+        return None if mean is None else torch.as_tensor(float(mean))
+
+    def effect(self) -> Result:
+        """Each cell's effect: its change from the baseline run (``minus(baseline())``), paired
+        per example, or the result itself when it has no baseline."""
+        baseline = self.baseline()
+        if baseline is None:
+            return self
+        if self.examples is None and baseline.ndim == 1:
+            baseline = baseline.mean()
+        return self.minus(baseline)
+
+    def top(
+        self, k: int = 10, *, by_abs: bool = True
+    ) -> list[tuple[dict[str, int | str], float]]:
+        """The ``k`` cells with the largest effects, labelled: ``[({"layer": 23, "head": 3},
+        effect), ...]``.
+
+        The effect of a cell is its change from the baseline run where the result has one
+        (``effect()``: path and activation patching, ablation sweeps), else its value. Cells
+        are ranked by the effect's absolute value unless ``by_abs=False`` (the largest first,
+        sign included). Integer labels (layers, heads, positions) come back as ints.
+
+        Example::
+
+            ((cell, change),) = ck.path_patching(model, ds, abc, "heads", "logits").top(1)
+            cell["layer"], cell["head"], change       # 23, 3, -1.2: noising it costs 1.2
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise CircuitkitError(f"Result.top: k must be a non-negative integer, got {k!r}")
+        flat = self.effect().values.flatten()
         order = (flat.abs() if by_abs else flat).argsort(descending=True)[:k]
         out = []
         for i in order.tolist():
@@ -287,7 +337,8 @@ class Result:
             examples=examples,
             metric=metric if metric is not None else f"change in {self.metric or 'the metric'}",
             labels={axis: list(labels) for axis, labels in self.labels.items()},
-            info=dict(self.info),
+            # the values are changes now: their baseline is the run subtracted
+            info={k: v for k, v in self.info.items() if k not in _BASELINE_KEYS},
             provenance=dict(self.provenance),
         )
 
@@ -523,7 +574,8 @@ class Result:
         if self.values.numel():
             best = self.top(1)[0]
             where = ", ".join(f"{a}={v}" for a, v in best[0].items())
-            parts.append(f"largest |value| {best[1]:+.4g} at {where}")
+            what = "largest |effect|" if self.baseline() is not None else "largest |value|"
+            parts.append(f"{what} {best[1]:+.4g} at {where}")
         made = short(self.provenance)
         if made:
             parts.append(f"made with {made}")
@@ -549,8 +601,8 @@ class Comparison:
         comparison.difference, (comparison.ci_low, comparison.ci_high), comparison.p_value
     """
 
-    a: dict[str, str]
-    b: dict[str, str]
+    a: dict[str, int | str]
+    b: dict[str, int | str]
     difference: float
     ci_low: float
     ci_high: float
@@ -682,6 +734,10 @@ def sign_flip_test(
 
 
 # -- file format helpers ----------------------------------------------------------------------
+
+
+def _label_value(label: str) -> int | str:
+    return int(label) if _INTEGER.fullmatch(label) else label
 
 
 def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:

@@ -6,8 +6,10 @@ per index of the first axis, as facets. When the result kept its per-example val
 effect gets an interval (``error="ci"``: the percentile bootstrap interval of ``Result.ci``;
 ``error="sem"``: the normal interval ``value ± z·sem``, z = 1.96 for 95%). Lines and bars carry
 the interval as error bars; heatmaps fade the cells whose interval includes zero under a
-semi-transparent white layer and mark each with a slash (plotly heatmaps cannot be hatched),
-and show the interval on hover. The subtitle says which interval is drawn. Figures are plain
+semi-transparent white layer, mark each with a slash (plotly heatmaps cannot be hatched) while
+such cells are at most half of the figure, and show the interval on hover. The subtitle says
+which interval is drawn and how the uncertain cells are marked. Diverging heatmaps use plotly's
+"RdBu" scale: negative values red, positive values blue. Figures are plain
 ``plotly.graph_objects.Figure`` objects; nothing here changes plotly's global settings.
 """
 
@@ -26,9 +28,13 @@ from circuitkit.core.errors import CircuitkitError, ShapeError
 from circuitkit.core.results import Result
 from circuitkit.methods.causal_tracing import CausalTrace
 
+# The diverging colour scale of heatmaps: low (negative) red, high (positive) blue.
+DIVERGING_SCALE = "RdBu"
 # Opacity of the white layer over cells whose interval includes zero.
 _FADE_OPACITY = 0.7
 _SLASH_COLOUR = "rgba(60, 60, 60, 0.7)"
+# Faded cells are slashed only while they are at most this share of all cells.
+_SLASH_SHARE = 0.5
 
 
 def plot(
@@ -45,8 +51,17 @@ def plot(
     """A labelled plotly figure of ``result``, with the uncertainty of each effect.
 
     1-D results are a line (or bars with ``kind="bar"``) with error bars; 2-D results a heatmap
-    centred at zero, rows the first axis, cells whose interval includes zero faded and slashed
-    (hover shows the interval); 3-D results one such heatmap per index of the first axis.
+    centred at zero (``DIVERGING_SCALE``: negative red, positive blue), rows the first axis,
+    cells whose interval includes zero faded (hover shows the interval); 3-D results one such
+    heatmap per index of the first axis, on one colour scale.
+
+    The faded cells are also slashed, so that a faded strong effect does not read as a weak
+    one, but only while they are at most half of all the cells. A slash marks an exception;
+    when most cells are uncertain (direct logit attribution by head, where most heads do
+    little) slashes over nearly every cell would hide the colours they qualify, so the figure
+    fades them only and the few cells whose interval excludes zero stand out in full colour.
+    The subtitle says which marking is drawn.
+
     ``error`` picks the interval: "ci" (bootstrap, ``level``, ``n_boot`` draws, ``seed``),
     "sem" (normal, ``value ± z·sem`` at ``level``) or None (none drawn). Results without
     per-example values are drawn without intervals. A ``CausalTrace``, or a list of them, is
@@ -77,16 +92,17 @@ def plot(
             "select a slice first"
         )
     interval = _interval(result, error, level, n_boot, seed)
+    slash = interval is not None and _spans_zero(interval).float().mean() <= _SLASH_SHARE
     if values.ndim == 1:
         fig = _line(result, values, interval, kind)
     elif values.ndim == 2:
-        fig = go.Figure(_heatmaps(result, values, interval, *result.axes))
+        fig = go.Figure(_heatmaps(result, values, interval, *result.axes, slash=slash))
         fig.update_yaxes(title_text=result.axes[0], autorange="reversed")
         fig.update_xaxes(title_text=result.axes[1])
     else:
-        fig = _facets(result, values, interval)
+        fig = _facets(result, values, interval, slash)
     title = title if title is not None else _default_title(result)
-    note = _note(result, error, level, values.ndim) if interval is not None else ""
+    note = _note(result, error, level, values.ndim, slash) if interval is not None else ""
     fig.update_layout(
         title=f"{title}<br><sup>{note}</sup>" if note else title,
         template="plotly_white",
@@ -111,9 +127,15 @@ def _interval(
     return low.detach().float().cpu(), high.detach().float().cpu()
 
 
-def _note(result: Result, error: str | None, level: float, ndim: int) -> str:
+def _spans_zero(interval: tuple[Tensor, Tensor]) -> Tensor:
+    low, high = interval
+    return (low <= 0) & (high >= 0)
+
+
+def _note(result: Result, error: str | None, level: float, ndim: int, slash: bool) -> str:
     kind = "bootstrap interval" if error == "ci" else "normal interval (± z·sem)"
-    what = "error bars" if ndim == 1 else "faded, slashed cells: the interval includes 0"
+    marked = "faded, slashed cells" if slash else "faded cells"
+    what = "error bars" if ndim == 1 else f"{marked}: the interval includes 0"
     return f"{what} · {level:.0%} {kind} over n={result.n_examples} examples"
 
 
@@ -160,9 +182,11 @@ def _heatmaps(
     col_axis: str,
     show_scale: bool = True,
     bound: float | None = None,
-) -> list[go.Heatmap]:
+    slash: bool = True,
+) -> list[go.Heatmap | go.Scatter]:
     """The heatmap of ``values`` and, with an interval, the layers that mark uncertain cells:
-    a semi-transparent white heatmap over them and a slash in each.
+    a semi-transparent white heatmap over them and a scatter of slashes, one in each when
+    ``slash`` and none otherwise (the trace is kept, so every facet has the same three).
 
     The colour scale runs from ``-bound`` to ``bound`` (default: the largest ``|value|``).
     """
@@ -177,7 +201,7 @@ def _heatmaps(
         x=result.labels[col_axis],
         y=result.labels[row_axis],
         customdata=customdata,
-        colorscale="RdBu",
+        colorscale=DIVERGING_SCALE,
         zmid=0.0,
         zmin=-bound,
         zmax=bound,
@@ -187,8 +211,7 @@ def _heatmaps(
     )
     if interval is None:
         return [heatmap]
-    low, high = interval
-    spans_zero = (low <= 0) & (high >= 0)
+    spans_zero = _spans_zero(interval)
     rows, cols = result.labels[row_axis], result.labels[col_axis]
     fade = go.Heatmap(
         z=[[1.0 if cell else None for cell in row] for row in spans_zero.tolist()],
@@ -201,7 +224,7 @@ def _heatmaps(
         name="interval includes 0",
     )
     # A slash in each faded cell, so a faded strong effect does not read as a weak one.
-    where = spans_zero.nonzero().tolist()
+    where = spans_zero.nonzero().tolist() if slash else []
     slashes = go.Scatter(
         x=[cols[j] for _, j in where],
         y=[rows[i] for i, _ in where],
@@ -214,7 +237,9 @@ def _heatmaps(
     return [heatmap, fade, slashes]
 
 
-def _facets(result: Result, values: Tensor, interval: tuple[Tensor, Tensor] | None) -> go.Figure:
+def _facets(
+    result: Result, values: Tensor, interval: tuple[Tensor, Tensor] | None, slash: bool
+) -> go.Figure:
     outer, row_axis, col_axis = result.axes
     labels = result.labels[outer]
     cols = min(4, len(labels))
@@ -224,8 +249,9 @@ def _facets(result: Result, values: Tensor, interval: tuple[Tensor, Tensor] | No
     for i in range(len(labels)):
         facet_interval = None if interval is None else (interval[0][i], interval[1][i])
         traces = _heatmaps(
-            result, values[i], facet_interval, row_axis, col_axis, show_scale=(i == 0), bound=bound
-        )
+            result, values[i], facet_interval, row_axis, col_axis,
+            show_scale=(i == 0), bound=bound, slash=slash,
+        )  # fmt: skip
         for trace in traces:
             fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
     fig.update_yaxes(autorange="reversed")

@@ -277,6 +277,8 @@ def ablation_sweep(
             "component": component if isinstance(component, str) else "list",
             "unablated": float(unablated.mean()),
             "unablated_examples": unablated,
+            "baseline": float(unablated.mean()),
+            "baseline_examples": unablated,
             "per_template": per_template,
             "n_samples": len(draws),
             "seed": seed,

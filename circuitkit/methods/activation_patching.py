@@ -80,6 +80,8 @@ def activation_patching(
     keeps the per-example values (for standard errors, intervals and comparisons; pass
     ``keep_examples=False`` to drop them where memory matters), and its ``provenance`` records
     the arguments, data, metric and model (with a fingerprint of its weights).
+    ``info["baseline"]`` (and ``"baseline_examples"``) is the unpatched base run's metric, so
+    ``result.effect()`` and ``result.top()`` give each patch's change from it.
 
     ``distributed=True`` shares the patches out among the processes of torch.distributed's
     default process group (one per GPU, started with ``torchrun``; see
@@ -113,7 +115,8 @@ def activation_patching(
     _, cache = model.run_with_cache(
         source.to(model.cfg.device), names_filter=lambda name: name in hooks
     )
-    runs = [Intervention(cell, Patch(cache[cell.hook_name(model)])) for cell in cells]
+    # the first run patches nothing: the baseline every cell's effect is measured from
+    runs = [[]] + [Intervention(cell, Patch(cache[cell.hook_name(model)])) for cell in cells]
     run = distributed_run_interventions if distributed else run_interventions
     # on a GPU the provenance record (its weight fingerprint) is made while the patches run
     examples, made = provenance.record_alongside(
@@ -144,6 +147,7 @@ def activation_patching(
         data={"clean": clean, "corrupted": corrupted},
         metric=metric,
     )
+    baseline, examples = examples[0], examples[1:]
     shape = [len(labels[a]) for a in axes]
     examples = examples.reshape(*shape, examples.shape[-1])
     return Result(
@@ -153,7 +157,12 @@ def activation_patching(
         examples=examples if keep_examples else None,
         metric=provenance.metric_name(metric),
         method=where,
-        info={"direction": direction, "component": _describe(component)},
+        info={
+            "direction": direction,
+            "component": _describe(component),
+            "baseline": float(baseline.mean()),
+            "baseline_examples": baseline,
+        },
         provenance=made,
     )
 

@@ -198,6 +198,8 @@ def attribution_patching(
             "component": component if isinstance(component, str) else [repr(c) for c in component],
             "base": float(base_values.mean()),
             "base_examples": base_values,
+            "baseline": float(base_values.mean()),
+            "baseline_examples": base_values,
             "attribution": attribution.reshape(*shape, -1).mean(-1),
         },
         provenance=made,

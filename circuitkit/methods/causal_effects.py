@@ -47,6 +47,7 @@ from circuitkit.methods.tracing_inputs import (
     check_window,
     checked_layers,
     checked_targets,
+    ends_in_space,
     kind_component,
     prob_metric,
     window_layers,
@@ -123,7 +124,8 @@ def causal_effects(
       **window_only**, whether those activations alone carry the effect.
 
     ``base`` and ``source`` are strings, token tensors or datasets with the same ``[n, pos]``
-    shape; ``target`` (and ``foil``) one token or one per example. ``layers`` restricts the
+    shape; ``target`` (and ``foil``) one token or one per example (as for ``causal_trace``, a
+    word without its leading space gets a ``TokenizationWarning``). ``layers`` restricts the
     layer axis (the windows and "everywhere else" still span the whole model). All runs go
     through the engine. Returns a ``CausalEffects``; its ``Result`` objects keep per-example
     values unless ``keep_examples=False`` and share one ``provenance`` record.
@@ -147,8 +149,10 @@ def causal_effects(
         check_kind(model, kind, where)
     window = check_window(window, where)
     layer_list = checked_layers(model, layers, where)
-    target_ids = checked_targets(model, target, n, "target", where)
-    metric = _effect_metric(model, measure, target_ids, foil, n, n_pos, where)
+    # a target read after both prompts: no warning when either ends in a space
+    after_space = ends_in_space(model, base_tokens) or ends_in_space(model, source_tokens)
+    target_ids = checked_targets(model, target, n, "target", where, after_space=after_space)
+    metric = _effect_metric(model, measure, target_ids, foil, n, n_pos, where, after_space)
     engine_kwargs = dict(reference=reference, memory_budget=memory_budget, progress=progress)
 
     n_layers = model.cfg.n_layers
@@ -254,6 +258,7 @@ def _effect_metric(
     n: int,
     n_pos: int,
     where: str,
+    after_space: bool,
 ) -> Metric:
     read = torch.full((n,), n_pos - 1)
     if measure == "prob":
@@ -264,7 +269,7 @@ def _effect_metric(
         raise CircuitkitError(f"{where}: measure must be 'prob' or 'logit_diff', got {measure!r}")
     if foil is None:
         raise CircuitkitError(f"{where}: measure='logit_diff' needs foil=, the token to compare")
-    foil_ids = checked_targets(model, foil, n, "foil", where)
+    foil_ids = checked_targets(model, foil, n, "foil", where, after_space=after_space)
 
     def fn(logits_at: Tensor) -> Tensor:
         def pick(ids: Tensor) -> Tensor:

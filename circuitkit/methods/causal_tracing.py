@@ -25,7 +25,8 @@ Every sweep compiles to the batched intervention engine (``circuitkit.core.engin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ from circuitkit.methods.tracing_inputs import (
     check_window,
     checked_layers,
     checked_positions,
+    ends_in_space,
     kind_component,
     prob_metric,
     single_token,
@@ -146,6 +148,11 @@ def find_subject(
         raise TokenizationError(f"{where}: this model has no tokenizer; give subject positions")
     if not isinstance(subject, str) or not subject.strip():
         raise TokenizationError(f"{where}: subject must be a non-empty string, got {subject!r}")
+    if occurrence is not None and (isinstance(occurrence, bool) or not isinstance(occurrence, int)):
+        raise CircuitkitError(
+            f"{where}: occurrence must be None or an int (which occurrence of the subject, from "
+            f"0), got {occurrence!r}"
+        )
     ids = tokens.tolist()
     decode = model.tokenizer.decode
     text = decode(ids)
@@ -241,7 +248,9 @@ def causal_trace(
 
     ``subject`` is a string found in the prompt (it must occur once unless ``occurrence`` picks
     one; see ``find_subject``) or a sequence of token positions. ``target`` is one token (a
-    string such as ``" Paris"`` with its leading space, or an id). A string prompt is tokenized
+    string such as ``" Paris"`` with its leading space, or an id); a word without its leading
+    space after a prompt that does not end in one gets a ``TokenizationWarning``, since the
+    model almost never predicts it there. A string prompt is tokenized
     with ``model.to_tokens`` (with the model's BOS). ``layers`` and ``positions`` restrict the
     grid. Returns a ``CausalTrace``.
 
@@ -257,8 +266,10 @@ def causal_trace(
     window = check_window(window if window is not None else (1 if kind == "resid" else 10), where)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise CircuitkitError(f"{where}: samples must be a positive int, got {samples!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-        raise CircuitkitError(f"{where}: noise must be a number >= 0, got {noise!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+        raise CircuitkitError(f"{where}: noise must be a finite number >= 0, got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CircuitkitError(f"{where}: seed must be an int, got {seed!r}")
     if isinstance(prompt, Tensor) and prompt.ndim != 1:
         raise ShapeError(f"{where}: a token prompt must be 1-D [pos], got {tuple(prompt.shape)}")
     tokens, _ = as_input_ids(model, prompt, where)
@@ -266,10 +277,17 @@ def causal_trace(
     if isinstance(subject, str):
         subject_pos = find_subject(model, tokens[0], subject, occurrence=occurrence)
     else:
+        if not isinstance(subject, Iterable) or not list(subject):
+            raise TokenizationError(
+                f"{where}: subject must be a string found in the prompt or a non-empty sequence "
+                f"of token positions, got {subject!r}"
+            )
         subject_pos = tuple(checked_positions(list(subject), n_pos, where))
         if len(set(subject_pos)) != len(subject_pos):
             raise ComponentError(f"{where}: subject positions repeat: {list(subject)}")
-    target_token = single_token(model, target, "target", where)
+    target_token = single_token(
+        model, target, "target", where, after_space=ends_in_space(model, tokens)
+    )
     layer_list = checked_layers(model, layers, where)
     position_list = checked_positions(positions, n_pos, where)
 

@@ -22,7 +22,12 @@ from circuitkit.core.components import (
     selection_mask,
 )
 from circuitkit.core.errors import CircuitkitError, ComponentError
-from circuitkit.methods.tracing_inputs import as_input_ids, checked_positions, checked_targets
+from circuitkit.methods.tracing_inputs import (
+    as_input_ids,
+    checked_positions,
+    checked_targets,
+    ends_in_space,
+)
 
 
 def trace_token_probability(
@@ -36,7 +41,8 @@ def trace_token_probability(
 
     One plain forward pass; the value at position ``i`` is ``softmax(logits[:, i])[target_idx]``,
     the probability that the token after position ``i`` is the target. ``target_idx`` is a token
-    id (or a one-token string such as ``" Paris"``, or one id per sequence). ``position=None``
+    id (or a one-token string such as ``" Paris"``, or one id per sequence; a word without its
+    leading space after text that does not end in one gets a ``TokenizationWarning``). ``position=None``
     returns every position ``[batch, pos]``; ``"last"`` or an int returns that position only,
     ``[batch]``. A string or a 1-D tensor is one sequence and its result has no batch axis.
 
@@ -48,7 +54,9 @@ def trace_token_probability(
     where = "trace_token_probability"
     tokens, single = as_input_ids(model, input_ids, where)
     batch, n_pos = tokens.shape
-    target = checked_targets(model, target_idx, batch, "target_idx", where)
+    target = checked_targets(
+        model, target_idx, batch, "target_idx", where, after_space=ends_in_space(model, tokens)
+    )
     if position is not None:
         if position == "last":
             position = n_pos - 1

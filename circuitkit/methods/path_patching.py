@@ -116,7 +116,9 @@ def path_patching(
 
     Returns a ``Result`` of the metric averaged over examples, per experiment; its
     ``examples`` keeps the per-example values (unless ``keep_examples=False``) and its
-    ``provenance`` records how it was made.
+    ``provenance`` records how it was made. ``info["baseline"]`` (and ``"baseline_examples"``)
+    is the unpatched base run's metric: ``result.effect()`` is each experiment's change from it,
+    what ``result.top()`` ranks.
 
     Example::
 
@@ -178,6 +180,10 @@ def path_patching(
                 progress,
                 desc,
             )
+        # the unpatched base run, which every patch's effect is measured from
+        baseline = run_interventions(
+            model, base, [[]], metric, positions=positions, reference=reference, progress=False
+        )[0]
     shape = [len(labels[a]) for a in axes]
     made = provenance.record(
         model,
@@ -206,6 +212,8 @@ def path_patching(
             "direction": direction,
             "senders": senders if isinstance(senders, str) else labels["sender"],
             "receivers": [repr(r) for r in receiver_list],
+            "baseline": float(baseline.mean()),
+            "baseline_examples": baseline,
         },
     )
 

@@ -6,7 +6,11 @@ arguments here, so the three say the same thing about the same mistake.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -19,7 +23,13 @@ from circuitkit.core.components import (
     Component,
     Resid,
 )
-from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
+from circuitkit.core.errors import (
+    CircuitkitError,
+    ComponentError,
+    ShapeError,
+    TokenizationError,
+    TokenizationWarning,
+)
 from circuitkit.core.metrics import Metric
 
 Kind = Literal["resid", "mlp", "attn"]
@@ -62,8 +72,15 @@ def check_token_ids(model: HookedTransformer, ids: Tensor, name: str, where: str
         )
 
 
-def single_token(model: HookedTransformer, token: Any, name: str, where: str) -> int:
-    """The id of ``token``: an int id, or a string that must be exactly one token."""
+def single_token(
+    model: HookedTransformer, token: Any, name: str, where: str, *, after_space: bool = False
+) -> int:
+    """The id of ``token``: an int id, or a string that must be exactly one token.
+
+    A word without its leading space ("Paris") is usually a mistake for " Paris", the token a
+    model predicts after a word: when the spaced form is one token too and the text before the
+    token does not end in whitespace (``after_space=False``), a ``TokenizationWarning`` says so.
+    """
     if isinstance(token, bool) or not isinstance(token, (int, str)):
         raise TokenizationError(
             f"{where}: {name} must be a token id or a one-token string such as ' Paris', "
@@ -74,18 +91,68 @@ def single_token(model: HookedTransformer, token: Any, name: str, where: str) ->
         return token
     if model.tokenizer is None:
         raise TokenizationError(f"{where}: this model has no tokenizer; give {name} as a token id")
+    if not token:
+        raise TokenizationError(f"{where}: {name} is an empty string; give one token such as ' Paris'")
     ids = model.to_tokens(token, prepend_bos=False)[0]
+    # only words and numbers: punctuation such as "." follows a word without a space
+    spaced = " " + token
+    spaced_id = None
+    if token[0].isalnum():
+        spaced_ids = model.to_tokens(spaced, prepend_bos=False)[0]
+        spaced_id = int(spaced_ids[0]) if spaced_ids.shape[0] == 1 else None
     if ids.shape[0] != 1:
         pieces = model.to_str_tokens(ids)
+        hint = (
+            f"{spaced!r}, with a leading space, is one token"
+            if spaced_id is not None
+            else "mind the leading space: ' Paris', not 'Paris'"
+        )
         raise TokenizationError(
             f"{where}: {name} {token!r} is {ids.shape[0]} tokens {pieces}, expected exactly one "
-            "(mind the leading space: ' Paris', not 'Paris')"
+            f"({hint})"
+        )
+    if spaced_id is not None and not after_space:
+        warnings.warn(
+            f"{where}: {name} {token!r} has no leading space, so it is token {int(ids[0])}, not "
+            f"{spaced!r} (token {spaced_id}), the token that follows a word; the text before it "
+            f"does not end in a space. Pass {spaced!r} (or the token id to keep {token!r})",
+            TokenizationWarning,
+            stacklevel=_user_stacklevel(),
         )
     return int(ids[0])
 
 
-def checked_targets(model: HookedTransformer, target: Any, n: int, name: str, where: str) -> Tensor:
-    """``[n]`` token ids: one token for every example, or one per example."""
+def ends_in_space(model: HookedTransformer, tokens: Tensor) -> bool:
+    """Whether the last token of every row of ``tokens`` [batch, pos] ends in whitespace (so a
+    target without a leading space is the natural next token)."""
+    if model.tokenizer is None:
+        return False
+    last = tokens[:, -1].tolist()
+    return all(model.tokenizer.decode([token])[-1:].isspace() for token in last)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside circuitkit, so that a warning points at the
+    user's call whichever circuitkit function made it."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def checked_targets(
+    model: HookedTransformer,
+    target: Any,
+    n: int,
+    name: str,
+    where: str,
+    *,
+    after_space: bool = False,
+) -> Tensor:
+    """``[n]`` token ids: one token for every example, or one per example.
+
+    ``after_space`` is ``single_token``'s: whether every prompt ends in whitespace."""
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.shape not in ((n,), ()):
             raise ShapeError(
@@ -97,8 +164,18 @@ def checked_targets(model: HookedTransformer, target: Any, n: int, name: str, wh
     if isinstance(target, (list, tuple)):
         if len(target) != n:
             raise ShapeError(f"{where}: {name} lists {len(target)} tokens for {n} examples")
-        return torch.tensor([single_token(model, t, name, where) for t in target])
-    return torch.full((n,), single_token(model, target, name, where))
+        # each distinct string is checked (and warned about) once
+        known: dict[str, int] = {}
+        ids = []
+        for token in target:
+            if isinstance(token, str) and token in known:
+                ids.append(known[token])
+                continue
+            ids.append(single_token(model, token, name, where, after_space=after_space))
+            if isinstance(token, str):
+                known[token] = ids[-1]
+        return torch.tensor(ids)
+    return torch.full((n,), single_token(model, target, name, where, after_space=after_space))
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -137,7 +214,11 @@ def checked_layers(model: HookedTransformer, layers: Sequence[int] | None, where
     n_layers = model.cfg.n_layers
     if layers is None:
         return list(range(n_layers))
-    out = [int(x) for x in layers]
+    out = _indices(layers)
+    if out is None:
+        raise ComponentError(
+            f"{where}: layers must be a sequence of layer indices such as [0, 1], got {layers!r}"
+        )
     if not out:
         raise ComponentError(f"{where}: layers is empty; give at least one of 0..{n_layers - 1}")
     for layer in out:
@@ -151,9 +232,18 @@ def checked_layers(model: HookedTransformer, layers: Sequence[int] | None, where
 def checked_positions(positions: Sequence[int] | None, n_pos: int, where: str) -> list[int]:
     if positions is None:
         return list(range(n_pos))
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Iterable):
+        raise ComponentError(
+            f"{where}: positions must be a sequence of token positions such as [0, -1], "
+            f"got {positions!r}"
+        )
     out = []
     for p in positions:
-        if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise ComponentError(
+                f"{where}: positions must be ints (negative ones count from the end), got {p!r}"
+            )
+        if not -n_pos <= p < n_pos:
             raise ComponentError(
                 f"{where}: position {p!r} is outside the prompt, which has positions 0..{n_pos - 1}"
             )
@@ -161,6 +251,20 @@ def checked_positions(positions: Sequence[int] | None, n_pos: int, where: str) -
     if not out:
         raise ComponentError(f"{where}: positions is empty; give at least one of 0..{n_pos - 1}")
     return out
+
+
+def _indices(values: Any) -> list[int] | None:
+    """``values`` (a list, tuple, range or integer tensor) as a list of ints; None if it is not
+    a collection of integers."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return None
+    items = list(values)
+    if any(isinstance(x, bool) for x in items):
+        return None
+    try:
+        return [operator.index(x) for x in items]
+    except TypeError:
+        return None
 
 
 def cache_of(
@@ -199,6 +303,7 @@ __all__ = [
     "as_input_ids",
     "check_token_ids",
     "single_token",
+    "ends_in_space",
     "checked_targets",
     "window_layers",
     "kind_component",
