@@ -192,7 +192,7 @@ def test_compare_is_paired():
     # unpaired, the two cells' own intervals overlap: the shared offset hides the difference
     low, high = result.ci(seed=0)
     assert low[0] < high[1]
-    assert comparison.a == {"head": "9"} and comparison.n == 40
+    assert comparison.a == {"head": 9} and comparison.n == 40
     assert "head=9 minus head=6" in repr(comparison)
     again = result.compare((0,), (1,), seed=0)
     assert again == comparison
@@ -292,7 +292,7 @@ def rich_result() -> Result:
         method="activation_patching",
         info={
             "direction": "denoise",
-            "baseline": torch.tensor([1.5, float("nan")]),
+            "scores": torch.tensor([1.5, float("nan")]),
             "view": examples[0, 0],  # shares memory with examples
             "ids": torch.arange(4),
             "half": torch.ones(2, dtype=torch.bfloat16),
@@ -344,7 +344,7 @@ def test_equals_can_fail():
         lambda r: r.labels["head"].__setitem__(0, "zero"),
         lambda r: setattr(r, "metric", "prob"),
         lambda r: r.info["nested"].__setitem__("shape", [3, 4]),  # a list is not a tuple
-        lambda r: r.info["baseline"].__setitem__(1, 0.0),  # NaN replaced
+        lambda r: r.info["scores"].__setitem__(1, 0.0),  # NaN replaced
         lambda r: setattr(r, "examples", None),
         lambda r: r.provenance["model"].__setitem__("name", "other"),
     ]:
@@ -368,8 +368,18 @@ def test_load_never_unpickles(tmp_path):
 
 
 def edit_json(folder: Path, edit) -> None:
+    """Edit result.json as someone editing the file would: its checksum stays as it was."""
     document = json.loads((folder / "result.json").read_text())
     edit(document)
+    (folder / "result.json").write_text(json.dumps(document))
+
+
+def rewrite_json(folder: Path, edit) -> None:
+    """Edit result.json and record the checksum of the edited content, so that ``load`` reads
+    past the checksum and reaches the checks behind it."""
+    document = json.loads((folder / "result.json").read_text())
+    edit(document)
+    document["checksum"] = results._checksum(document)
     (folder / "result.json").write_text(json.dumps(document))
 
 
@@ -383,7 +393,7 @@ def test_damaged_files_are_clear_errors(tmp_path):
     folder = fresh("truncated")
     blob = (folder / "result.safetensors").read_bytes()
     (folder / "result.safetensors").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ResultFileError, match="SHA-256 .* does not match"):
+    with pytest.raises(ResultFileError, match="result.safetensors failed its checksum"):
         Result.load(folder)
 
     folder = fresh("swapped")
@@ -399,34 +409,324 @@ def test_damaged_files_are_clear_errors(tmp_path):
         Result.load(folder)
 
     folder = fresh("missing_key")
-    edit_json(folder, lambda d: d.pop("labels"))
+    rewrite_json(folder, lambda d: d.pop("labels"))
     with pytest.raises(ResultFileError, match=r"lacks the keys \['labels'\]"):
         Result.load(folder)
 
     folder = fresh("not_ours")
-    edit_json(folder, lambda d: d.update(format="something"))
+    rewrite_json(folder, lambda d: d.update(format="something"))
     with pytest.raises(ResultFileError, match="not a saved circuitkit result"):
         Result.load(folder)
 
     folder = fresh("labels")
-    edit_json(folder, lambda d: d["labels"]["head"].pop())
+    rewrite_json(folder, lambda d: d["labels"]["head"].pop())
     with pytest.raises(ResultFileError, match="does not fit its tensors.*4 entries but 3 labels"):
         Result.load(folder)
 
     folder = fresh("axes")
-    edit_json(folder, lambda d: d.update(axes=["layer"]))
+    rewrite_json(folder, lambda d: d.update(axes=["layer"]))
     with pytest.raises(ResultFileError, match="one per axis"):
         Result.load(folder)
 
     folder = fresh("manifest")
-    edit_json(folder, lambda d: d["tensors"]["values"].update(shape=[4, 3]))
+    rewrite_json(folder, lambda d: d["tensors"]["values"].update(shape=[4, 3]))
     with pytest.raises(ResultFileError, match=r"'values' has shape \[3, 4\].*records"):
         Result.load(folder)
 
-    folder = fresh("component")
-    edit_json(folder, lambda d: d["info"]["components"][0].update(__component__="Nope"))
-    with pytest.raises(ResultFileError, match="unknown component kind 'Nope'"):
+
+def _swap_axes(document):
+    """Swap the names of the two axes, labels and all: a consistent file, only wrong."""
+    layer, head = document["labels"]["layer"], document["labels"]["head"]
+    document["axes"] = ["head", "layer"]
+    document["labels"] = {"head": layer, "layer": head}
+
+
+# Edits of result.json that old files loaded silently; each changes the result.
+JSON_EDITS = {
+    "label": lambda d: d["labels"]["layer"].__setitem__(0, "z"),
+    "metric": lambda d: d.update(metric="prob"),
+    "method": lambda d: d.update(method="ablate"),
+    "info": lambda d: d["info"].update(direction="noise"),
+    "nested_number": lambda d: d["info"]["nested"]["numbers"].__setitem__(1, 2.0),
+    "new_info_key": lambda d: d["info"].update(extra=1),
+    "info_key_order": lambda d: d.update(info=dict(reversed(list(d["info"].items())))),
+    "component": lambda d: d["info"]["components"][0]["fields"].update(head=8),
+    "provenance_fingerprint": lambda d: d["provenance"]["model"].update(
+        fingerprint="sha256:" + "0" * 64
+    ),
+    "swapped_axes": _swap_axes,
+}
+
+
+@pytest.mark.parametrize("edit", JSON_EDITS.values(), ids=JSON_EDITS.keys())
+def test_an_edit_of_the_json_fails_its_checksum(tmp_path, edit):
+    folder = rich_result().save(tmp_path / "run")
+    edit_json(folder, edit)
+    with pytest.raises(
+        ResultFileError, match="result.json failed its checksum.*changed after it was written"
+    ):
         Result.load(folder)
+
+
+@pytest.mark.parametrize("edit", JSON_EDITS.values(), ids=JSON_EDITS.keys())
+def test_the_same_edits_load_once_the_checksum_is_recomputed(tmp_path, edit):
+    # the edits above are caught by the checksum alone: with a fresh one, each file loads, as
+    # a result that differs from the one saved
+    folder = rich_result().save(tmp_path / "run")
+    rewrite_json(folder, edit)
+    assert not Result.load(folder).equals(rich_result())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.pop("checksum"),
+        lambda d: d.update(checksum=None),
+        lambda d: d.update(checksum=d["checksum"].upper()),
+        lambda d: d.update(tensor_sha256="0" * 64),
+        lambda d: d.update(tensor_file="other.safetensors"),
+    ],
+    ids=["no_checksum", "null_checksum", "changed_checksum", "tensor_sha256", "tensor_file"],
+)
+def test_an_edit_of_the_checksums_fails_the_json_checksum(tmp_path, edit):
+    folder = rich_result().save(tmp_path / "run")
+    edit_json(folder, edit)
+    with pytest.raises(ResultFileError, match="result.json failed its checksum"):
+        Result.load(folder)
+
+
+@pytest.mark.parametrize("where", [0, 8, 0.5, -1], ids=["first", "header", "middle", "last"])
+def test_an_edit_of_the_tensor_file_fails_its_checksum(tmp_path, where):
+    folder = rich_result().save(tmp_path / "run")
+    blob = bytearray((folder / "result.safetensors").read_bytes())
+    index = int(where * len(blob)) if isinstance(where, float) else where
+    blob[index] ^= 1
+    (folder / "result.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(
+        ResultFileError,
+        match="result.safetensors failed its checksum.*changed after it was written",
+    ):
+        Result.load(folder)
+
+
+@pytest.mark.parametrize("indent", [None, 4])
+def test_layout_that_reads_back_the_same_keeps_the_checksum(tmp_path, indent):
+    folder = rich_result().save(tmp_path / "run")
+    document = json.loads((folder / "result.json").read_text())
+    (folder / "result.json").write_text(json.dumps(document, indent=indent, ensure_ascii=False))
+    assert Result.load(folder).equals(rich_result())
+
+
+def test_version_1_files_load_with_a_warning_that_they_cannot_be_verified(tmp_path):
+    folder = rich_result().save(tmp_path / "run")
+
+    def to_version_1(document):
+        document.pop("checksum")
+        document["format_version"] = 1
+
+    edit_json(folder, to_version_1)
+    with pytest.warns(UserWarning, match="format version 1.*cannot be verified"):
+        loaded = Result.load(folder)
+    assert loaded.equals(rich_result())
+
+
+@pytest.mark.parametrize("version", [0, 3, None, "2", 2.5])
+def test_other_format_versions_are_refused(tmp_path, version):
+    folder = rich_result().save(tmp_path / "run")
+    rewrite_json(folder, lambda d: d.update(format_version=version))
+    with pytest.raises(ResultFileError, match=r"format version .*reads versions 1 and 2"):
+        Result.load(folder)
+
+
+# Tagged values no save writes, each put into info["crafted"]; what the error says about it.
+CRAFTED_TAGS = {
+    "slice_not_a_list": ({"__slice__": 5}, "malformed tagged value"),
+    "slice_too_short": ({"__slice__": [1, 2]}, "malformed tagged value"),
+    "slice_of_strings": ({"__slice__": [1, "a", None]}, "malformed tagged value"),
+    "tuple_not_a_list": ({"__tuple__": 3}, "malformed tagged value"),
+    "tuple_of_a_dict": ({"__tuple__": {"a": 1}}, "malformed tagged value"),
+    "dict_not_a_list": ({"__dict__": 7}, "malformed tagged value"),
+    "dict_pair_too_short": ({"__dict__": [[1]]}, "malformed tagged value"),
+    "dict_key_a_list": ({"__dict__": [[[1, 2], "x"]]}, "malformed tagged value"),
+    "dict_key_a_dict": ({"__dict__": [[{"a": 1}, "x"]]}, "malformed tagged value"),
+    "dict_key_a_tuple_of_lists": ({"__dict__": [[{"__tuple__": [[1]]}, 0]]}, "malformed"),
+    "tag_with_other_keys": ({"__tensor__": "values", "extra": 1}, "malformed tagged value"),
+    "tensor_missing": ({"__tensor__": "missing"}, "tensor 'missing'.*does not hold"),
+    "tensor_name_a_list": ({"__tensor__": [1]}, r"tensor \[1\].*does not hold"),
+    "component_unknown": ({"__component__": "Nope", "fields": {}}, "unknown component kind"),
+    "component_base": ({"__component__": "Component", "fields": {}}, "unknown component kind"),
+    "component_dunder": ({"__component__": "__class__", "fields": {}}, "unknown component"),
+    "component_kind_a_number": ({"__component__": 5, "fields": {}}, "unknown component kind"),
+    "component_fields_a_number": ({"__component__": "Head", "fields": 7}, "malformed"),
+    "component_fields_a_tuple": (
+        {"__component__": "MLP", "fields": {"__tuple__": []}},
+        "malformed",
+    ),
+    "component_layer_a_string": (
+        {"__component__": "Head", "fields": {"layer": "x", "head": 0}},
+        "Head.layer is 'x'; expected int",
+    ),
+    "component_layer_a_bool": (
+        {"__component__": "Head", "fields": {"layer": True, "head": 0}},
+        "Head.layer is True; expected int",
+    ),
+    "component_part_unknown": (
+        {"__component__": "Head", "fields": {"layer": 1, "head": 0, "part": "w"}},
+        "Head.part is 'w'; expected Literal",
+    ),
+    "component_pos_of_strings": (
+        {"__component__": "MLP", "fields": {"layer": 1, "pos": ["a"]}},
+        r"MLP.pos is \['a'\]; expected Union",
+    ),
+    "component_unknown_field": (
+        {"__component__": "MLP", "fields": {"layer": 1, "colour": 3}},
+        "MLP has no field 'colour'",
+    ),
+    "component_field_missing": ({"__component__": "Head", "fields": {"layer": 1}}, "rebuild"),
+    "component_non_string_field": (
+        {"__component__": "MLP", "fields": {"__dict__": [[1, 2]]}},
+        "MLP has no field 1",
+    ),
+}
+
+
+@pytest.mark.parametrize(("crafted", "message"), CRAFTED_TAGS.values(), ids=CRAFTED_TAGS.keys())
+def test_crafted_tags_are_result_file_errors_naming_where_they_are(tmp_path, crafted, message):
+    folder = rich_result().save(tmp_path / "run")
+    rewrite_json(folder, lambda d: d["info"].update(crafted=[crafted]))
+    with pytest.raises(ResultFileError, match=r"Result.load: info\['crafted'\]\[0\].*" + message):
+        Result.load(folder)
+
+
+# Top-level fields of the wrong type, and what the error says.
+CRAFTED_FIELDS = {
+    "axes_a_string": (lambda d: d.update(axes="layer"), "axes as a list of distinct strings"),
+    "axes_numbers": (lambda d: d.update(axes=[0, 1]), "axes as a list of distinct strings"),
+    "axes_repeated": (
+        lambda d: d.update(axes=["layer", "layer"], labels={"layer": ["a", "b", "c"]}),
+        "axes as a list of distinct strings",
+    ),
+    "labels_a_list": (lambda d: d.update(labels=[["a"]]), "labels as a dict of lists"),
+    "labels_a_string": (lambda d: d["labels"].update(layer="abc"), "labels as a dict of lists"),
+    "labels_numbers": (lambda d: d["labels"].update(layer=[0, 1, 2]), "labels as a dict"),
+    "metric_a_number": (lambda d: d.update(metric=5), "metric as a string, got 5"),
+    "method_null": (lambda d: d.update(method=None), "method as a string, got None"),
+    "info_a_list": (lambda d: d.update(info=[1]), "info as a dict, got list"),
+    "info_a_tuple": (lambda d: d.update(info={"__tuple__": [1]}), "info as a dict, got tuple"),
+    "provenance_a_number": (lambda d: d.update(provenance=3), "provenance as a dict, got int"),
+    "manifest_a_list": (lambda d: d.update(tensors=[]), "no tensor manifest"),
+    "manifest_entry_a_number": (lambda d: d["tensors"].update(values=5), "'values' has shape"),
+}
+
+
+@pytest.mark.parametrize(("edit", "message"), CRAFTED_FIELDS.values(), ids=CRAFTED_FIELDS.keys())
+def test_fields_of_the_wrong_type_are_result_file_errors(tmp_path, edit, message):
+    folder = rich_result().save(tmp_path / "run")
+    rewrite_json(folder, edit)
+    with pytest.raises(ResultFileError, match=message):
+        Result.load(folder)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "5", '"result"', "null", '{"format": 1}'])
+def test_a_json_that_is_not_a_result_object_is_refused(tmp_path, text):
+    folder = rich_result().save(tmp_path / "run")
+    (folder / "result.json").write_text(text)
+    with pytest.raises(ResultFileError, match="not a saved circuitkit result"):
+        Result.load(folder)
+
+
+@pytest.mark.parametrize("depth", [results._MAX_DEPTH, 500, 10_000])
+def test_deep_nesting_is_refused(tmp_path, depth):
+    # built as text: the JSON writer itself cannot write 10,000 levels. The checksum is the
+    # saved one; nesting is checked before it, as a checksum of such a file cannot be computed.
+    folder = rich_result().save(tmp_path / "run")
+    document = json.loads((folder / "result.json").read_text())
+    document["info"]["deep"] = "DEEP"
+    text = json.dumps(document).replace('"DEEP"', "[" * depth + "]" * depth)
+    (folder / "result.json").write_text(text)
+    with pytest.raises(
+        ResultFileError, match=f"nests lists and dicts .*at most {results._MAX_DEPTH}"
+    ):
+        Result.load(folder)
+
+
+def _nested_lists(depth):
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_nesting_up_to_the_cap_round_trips(tmp_path):
+    # the document, info and the "deep" entry's lists: _MAX_DEPTH levels in all
+    result = Result(torch.zeros(2), ("layer",), {}, info={"deep": _nested_lists(98)})
+    assert (
+        results._nesting(
+            json.loads(result.save(tmp_path / "run").joinpath("result.json").read_text())
+        )
+        == results._MAX_DEPTH
+    )
+    assert Result.load(tmp_path / "run").equals(result)
+
+
+def _holding_itself():
+    info = {"a": []}
+    info["a"].append(info)
+    return info
+
+
+@pytest.mark.parametrize(
+    "info",
+    [{"deep": _nested_lists(99)}, {"deep": _nested_lists(5000)}, _holding_itself()],
+    ids=["one_level_too_deep", "far_too_deep", "holds_itself"],
+)
+def test_save_refuses_nesting_that_load_would_refuse(tmp_path, info):
+    with pytest.raises(ResultFileError, match=f"Result.save: .*{results._MAX_DEPTH}"):
+        Result(torch.zeros(2), ("layer",), {}, info=info).save(tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"__slice__": 5},
+        {"user": {"__tensor__": "values"}},
+        {"user": {"__component__": "Head", "fields": {}}},
+        {"user": {"__dict__": 7, "__tuple__": 3}},
+        {"positions": ck.Resid(3, "mid", pos=[4, 5])},
+    ],
+    ids=["slice", "tensor", "component", "two_tags", "positions_as_a_list"],
+)
+def test_values_that_look_like_tags_round_trip(tmp_path, info):
+    result = Result(torch.zeros(2), ("layer",), {}, info=info)
+    assert Result.load(result.save(tmp_path / "run")).equals(result)
+
+
+class OwnHead(ck.Head):
+    """A component kind defined outside circuitkit.core.components."""
+
+
+def _forced(component, **fields):
+    """``component`` with ``fields`` set past its constructor's checks."""
+    for name, value in fields.items():
+        object.__setattr__(component, name, value)
+    return component
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ({"s": slice("a", "b")}, r"info\['s'\] is the slice"),
+        ({"c": OwnHead(1, 2)}, r"info\['c'\] is a OwnHead, which is not a component kind"),
+        ({"c": _forced(ck.Head(1, 2), layer="x")}, r"info\['c'\]: Head.layer is 'x'; expected int"),
+        ({"c": _forced(ck.MLP(1), pos=1.5)}, r"info\['c'\]: MLP.pos is 1.5; expected Union"),
+    ],
+    ids=["slice_of_strings", "own_component", "layer_a_string", "pos_a_float"],
+)
+def test_save_refuses_values_that_load_would_refuse(tmp_path, info, message):
+    with pytest.raises(ResultFileError, match="Result.save: " + message):
+        Result(torch.zeros(2), ("layer",), {}, info=info).save(tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
 
 
 def test_save_errors(tmp_path):
@@ -438,6 +738,8 @@ def test_save_errors(tmp_path):
     with pytest.raises(ResultFileError, match=r"info\['fn'\]\['inner'\] is a builtin_function"):
         odd.save(tmp_path / "odd")
     assert not (tmp_path / "odd" / "result.json").exists()
+    with pytest.raises(ResultFileError, match="Result.save: metric must be a string, got 5"):
+        Result(torch.zeros(2), ("layer",), {}, metric=5).save(tmp_path / "metric")
 
 
 def test_failed_save_keeps_the_previous_one(tmp_path):

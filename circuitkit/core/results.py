@@ -38,11 +38,15 @@ sign; exact over all sign patterns when there are at most ``n_perm`` of them, ot
 
 Files. ``save(path)`` writes a folder ``path`` holding ``result.safetensors`` (values, examples
 and every tensor inside ``info`` or ``provenance``) and ``result.json`` (everything else, with the
-SHA-256 of the tensor file). Each file is written to a temporary name and renamed into place,
-the tensor file first and the JSON last, so an interrupted save leaves the previous result or a
-checksum mismatch that ``load`` reports, never a half-written file or a silent mix of two saves.
-``load`` reads only JSON and safetensors (it never unpickles) and checks the checksum, keys,
-shapes and dtypes; anything wrong raises ``ResultFileError``.
+SHA-256 of the tensor file). The JSON also holds a ``"checksum"``: the SHA-256 of a canonical
+serialisation of every other key of the document, the tensor file's SHA-256 among them, so it
+covers both files: an edited label, metric name, info entry or provenance fingerprint, swapped
+axis names or a changed tensor byte all make ``load`` fail, naming the file whose checksum did
+not match. Each file is written to a temporary name and renamed into place, the tensor file
+first and the JSON last, so an interrupted save leaves the previous result or a checksum
+mismatch that ``load`` reports, never a half-written file or a silent mix of two saves.
+``load`` reads only JSON and safetensors (it never unpickles) and checks the checksums, keys,
+shapes, dtypes and every tagged value; anything wrong raises ``ResultFileError``.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ import hashlib
 import json
 import math
 import re
+import types
+import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from jaxtyping import Float
@@ -78,10 +85,17 @@ _INTEGER = re.compile(r"-?[0-9]+")
 _BOOTSTRAP_BLOCK_BYTES = 64 * 2**20
 
 _FORMAT = "circuitkit.result"
-_FORMAT_VERSION = 1
+# Version 2 adds the checksum of the JSON content; version 1 files load with a warning.
+_FORMAT_VERSION = 2
+_UNCHECKED_VERSION = 1
 _JSON_FILE = "result.json"
 _TENSOR_FILE = "result.safetensors"
 _JSON_KEYS = ("axes", "labels", "metric", "method", "info", "provenance", "tensors")
+# The keys that mark a JSON object as an encoded value (a tensor, a tuple, a component, ...).
+_TAGS = ("__tensor__", "__tuple__", "__dict__", "__slice__", "__component__")
+# How deeply lists and dicts may nest in result.json. Results nest a few levels; the cap keeps
+# a crafted file from exhausting the stack of the JSON reader or of the decoder.
+_MAX_DEPTH = 100
 
 
 @dataclass(eq=False)
@@ -276,9 +290,7 @@ class Result:
             baseline = baseline.mean()
         return self.minus(baseline)
 
-    def top(
-        self, k: int = 10, *, by_abs: bool = True
-    ) -> list[tuple[dict[str, int | str], float]]:
+    def top(self, k: int = 10, *, by_abs: bool = True) -> list[tuple[dict[str, int | str], float]]:
         """The ``k`` cells with the largest effects, labelled: ``[({"layer": 23, "head": 3},
         effect), ...]``.
 
@@ -375,9 +387,16 @@ class Result:
         """Write this result to the folder ``path`` (created if needed); return the folder.
 
         The folder holds ``result.safetensors`` (every tensor) and ``result.json`` (axes,
-        labels, metric, method, info, provenance, and the tensor file's SHA-256). Values that
-        JSON cannot hold are written as tagged objects: tuples, components (``Head(9, 9)``),
-        slices, dicts with non-string keys. Anything else in ``info`` is an error.
+        labels, metric, method, info, provenance, the tensor file's SHA-256 and a checksum).
+        Values that JSON cannot hold are written as tagged objects: tuples, components
+        (``Head(9, 9)``), slices of ints, dicts with non-string keys (or with a key that is a
+        tag's name). Anything else in ``info`` is an error, and so is nesting deeper than
+        ``_MAX_DEPTH`` levels, so that every folder ``save`` writes, ``load`` reads.
+
+        The checksum (format version 2) is the SHA-256 of the JSON document without its
+        ``"checksum"`` key, serialised canonically: no spaces, ASCII escapes, keys in the
+        order written (the order of ``info``'s keys is part of the result). Since the document
+        records the tensor file's SHA-256, the checksum covers both files.
 
         Example::
 
@@ -390,6 +409,11 @@ class Result:
                 f"Result.save: {folder} is a file; give a folder path (it will hold "
                 f"{_JSON_FILE} and {_TENSOR_FILE})"
             )
+        for name in ("metric", "method"):
+            if not isinstance(getattr(self, name), str):
+                raise ResultFileError(
+                    f"Result.save: {name} must be a string, got {getattr(self, name)!r}"
+                )
         tensors: dict[str, Tensor] = {"values": self.values}
         if self.examples is not None:
             tensors["examples"] = self.examples
@@ -414,6 +438,13 @@ class Result:
             "tensor_file": _TENSOR_FILE,
             "tensor_sha256": hashlib.sha256(blob).hexdigest(),
         }
+        depth = _nesting(document)
+        if depth > _MAX_DEPTH:
+            raise ResultFileError(
+                f"Result.save: info and provenance nest {depth} levels deep in {_JSON_FILE}; a "
+                f"saved result nests at most {_MAX_DEPTH}"
+            )
+        document["checksum"] = _checksum(document)
         text = json.dumps(document, indent=1)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / _TENSOR_FILE, lambda tmp: tmp.write_bytes(blob))
@@ -425,9 +456,13 @@ class Result:
     def load(cls, path: str | Path) -> Result:
         """Read a result written by ``Result.save`` from the folder ``path``.
 
-        Reads JSON and safetensors only. Raises ``ResultFileError`` when a file is missing,
-        truncated or edited (the tensor file's SHA-256 must match the one in the JSON), or when
-        keys, shapes or dtypes do not fit together.
+        Reads JSON and safetensors only. First the JSON's checksum is recomputed over its
+        content (see ``save``), then the tensor file's SHA-256; a mismatch of either raises
+        ``ResultFileError`` naming the file that failed, since the folder was changed after it
+        was written. Files of format version 1, written before the checksum existed, still
+        load, with a ``UserWarning`` that their JSON cannot be verified (saving them again
+        adds a checksum). Missing or truncated files, keys, shapes or dtypes that do not fit
+        together, and malformed tagged values raise ``ResultFileError`` too.
 
         Example::
 
@@ -448,15 +483,41 @@ class Result:
             raise ResultFileError(
                 f"{where}: {json_path} is not valid JSON ({err}); it is truncated or was edited"
             ) from err
+        except RecursionError as err:
+            raise ResultFileError(
+                f"{where}: {json_path} nests lists and dicts too deeply to read; a saved result "
+                f"nests at most {_MAX_DEPTH} levels, so this file was not written by Result.save"
+            ) from err
         if not isinstance(document, dict) or document.get("format") != _FORMAT:
             raise ResultFileError(
-                f"{where}: {json_path} is not a saved circuitkit result (expected "
-                f'"format": "{_FORMAT}")'
+                f"{where}: {json_path} is not a saved circuitkit result (expected a JSON object "
+                f'with "format": "{_FORMAT}")'
             )
-        if document.get("format_version") != _FORMAT_VERSION:
+        depth = _nesting(document)
+        if depth > _MAX_DEPTH:
             raise ResultFileError(
-                f"{where}: {json_path} has format version {document.get('format_version')!r}; "
-                f"this circuitkit reads version {_FORMAT_VERSION}"
+                f"{where}: {json_path} nests lists and dicts {depth} levels deep; a saved result "
+                f"nests at most {_MAX_DEPTH}, so this file was not written by Result.save"
+            )
+        version = document.get("format_version")
+        if version == _UNCHECKED_VERSION:
+            warnings.warn(
+                f"{where}: {json_path} has format version {version}, which has no checksum of "
+                "its content, so its labels, metric, info and provenance cannot be verified; "
+                "save the result again to add one",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif version != _FORMAT_VERSION:
+            raise ResultFileError(
+                f"{where}: {json_path} has format version {version!r}; this circuitkit reads "
+                f"versions {_UNCHECKED_VERSION} and {_FORMAT_VERSION}"
+            )
+        elif document.get("checksum") != _checksum(document):
+            raise ResultFileError(
+                f"{where}: {json_path} failed its checksum (its content does not match the "
+                f"checksum recorded in it): the folder {folder} was changed after it was "
+                "written"
             )
         missing = [key for key in (*_JSON_KEYS, "tensor_sha256") if key not in document]
         if missing:
@@ -464,9 +525,9 @@ class Result:
         blob = tensor_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != document["tensor_sha256"]:
             raise ResultFileError(
-                f"{where}: the SHA-256 of {tensor_path} does not match the one recorded in "
-                f"{json_path}; the tensor file is truncated, was edited, or belongs to another "
-                "save"
+                f"{where}: {tensor_path} failed its checksum (its SHA-256 does not match the one "
+                f"recorded in {json_path}): the folder {folder} was changed after it was "
+                "written; the tensor file is truncated, was edited, or belongs to another save"
             )
         from safetensors.torch import load as safetensors_load
 
@@ -479,6 +540,7 @@ class Result:
         if not (
             isinstance(axes, list)
             and all(isinstance(a, str) for a in axes)
+            and len(set(axes)) == len(axes)
             and isinstance(labels, dict)
             and set(labels) == set(axes)
             and all(
@@ -486,19 +548,31 @@ class Result:
             )
         ):
             raise ResultFileError(
-                f"{where}: {json_path} must hold axes as a list of strings and labels as a dict "
-                "of lists of strings, one per axis"
+                f"{where}: {json_path} must hold axes as a list of distinct strings and labels "
+                "as a dict of lists of strings, one per axis"
             )
+        for key in ("metric", "method"):
+            if not isinstance(document[key], str):
+                raise ResultFileError(
+                    f"{where}: {json_path} must hold {key} as a string, got {document[key]!r:.80}"
+                )
+        fields = {}
+        for key in ("info", "provenance"):
+            fields[key] = _decode(document[key], tensors, f"{where}: {key}")
+            if not isinstance(fields[key], dict):
+                raise ResultFileError(
+                    f"{where}: {json_path} must hold {key} as a dict, got "
+                    f"{type(fields[key]).__name__}"
+                )
         try:
             return cls(
                 values=tensors["values"],
                 axes=tuple(axes),
                 labels=labels,
                 examples=tensors.get("examples"),
-                metric=str(document["metric"]),
-                method=str(document["method"]),
-                info=_decode(document["info"], tensors, where),
-                provenance=_decode(document["provenance"], tensors, where),
+                metric=document["metric"],
+                method=document["method"],
+                **fields,
             )
         except ShapeError as err:
             raise ResultFileError(f"{where}: {json_path} does not fit its tensors: {err}") from err
@@ -740,8 +814,14 @@ def _label_value(label: str) -> int | str:
     return int(label) if _INTEGER.fullmatch(label) else label
 
 
-def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:
+def _encode(value: Any, where: str, tensors: dict[str, Tensor], depth: int = 0) -> Any:
     """``value`` as JSON; tensors go into ``tensors`` and leave a ``{"__tensor__": name}``."""
+    if depth > _MAX_DEPTH:
+        raise ResultFileError(
+            f"Result.save: {where} nests more than {_MAX_DEPTH} levels deep (or holds itself), "
+            f"deeper than a saved result may"
+        )
+    depth += 1
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Tensor):
@@ -749,31 +829,52 @@ def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:
         tensors[name] = value
         return {"__tensor__": name}
     if isinstance(value, Mapping):
-        if all(isinstance(key, str) for key in value):
-            return {key: _encode(item, f"{where}[{key!r}]", tensors) for key, item in value.items()}
+        # a dict with a tag's name among its keys is written as pairs, not read back as a tag
+        if all(isinstance(key, str) and key not in _TAGS for key in value):
+            return {
+                key: _encode(item, f"{where}[{key!r}]", tensors, depth)
+                for key, item in value.items()
+            }
         return {
             "__dict__": [
-                [_encode(key, where, tensors), _encode(item, f"{where}[{key!r}]", tensors)]
+                [
+                    _encode(key, where, tensors, depth),
+                    _encode(item, f"{where}[{key!r}]", tensors, depth),
+                ]
                 for key, item in value.items()
             ]
         }
     if isinstance(value, list):
-        return [_encode(item, f"{where}[{i}]", tensors) for i, item in enumerate(value)]
+        return [_encode(item, f"{where}[{i}]", tensors, depth) for i, item in enumerate(value)]
     if isinstance(value, tuple):
         return {
-            "__tuple__": [_encode(item, f"{where}[{i}]", tensors) for i, item in enumerate(value)]
+            "__tuple__": [
+                _encode(item, f"{where}[{i}]", tensors, depth) for i, item in enumerate(value)
+            ]
         }
     if isinstance(value, slice):
-        return {"__slice__": [value.start, value.stop, value.step]}
+        bounds = [value.start, value.stop, value.step]
+        if not all(_is_int_or_none(bound) for bound in bounds):
+            raise ResultFileError(
+                f"Result.save: {where} is the slice {value!r}; a saved result holds slices of "
+                "ints and None only"
+            )
+        return {"__slice__": bounds}
     if isinstance(value, Component):
-        fields = {
-            f.name: _encode(getattr(value, f.name), f"{where}.{f.name}", tensors)
-            for f in dataclasses.fields(value)
-            if f.init
+        kind = type(value).__name__
+        if _component_class(kind) is not type(value):
+            raise ResultFileError(
+                f"Result.save: {where} is a {kind}, which is not a component kind of "
+                "circuitkit.core.components, so a saved result cannot name it"
+            )
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
+        _check_fields(type(value), fields, f"Result.save: {where}")
+        encoded = {
+            name: _encode(item, f"{where}.{name}", tensors, depth) for name, item in fields.items()
         }
-        return {"__component__": type(value).__name__, "fields": fields}
+        return {"__component__": kind, "fields": encoded}
     if hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return _encode(value.item(), where, tensors)  # numpy scalars
+        return _encode(value.item(), where, tensors, depth)  # numpy scalars
     raise ResultFileError(
         f"Result.save: {where} is a {type(value).__name__} ({value!r:.80}), which a saved result "
         "cannot hold; use tensors, numbers, strings, lists, tuples, dicts or components"
@@ -781,37 +882,137 @@ def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:
 
 
 def _decode(value: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
+    """The value that ``_encode`` wrote as ``value``; a malformed tag raises ResultFileError
+    saying where in the file it is."""
     if isinstance(value, list):
-        return [_decode(item, tensors, where) for item in value]
+        return [_decode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]
     if not isinstance(value, dict):
         return value
-    if set(value) == {"__tensor__"}:
-        if value["__tensor__"] not in tensors:
+    keys = set(value)
+    if keys == {"__tensor__"}:
+        name = value["__tensor__"]
+        if not isinstance(name, str) or name not in tensors:
             raise ResultFileError(
-                f"{where}: the JSON refers to tensor {value['__tensor__']!r}, which the tensor "
-                "file does not hold"
+                f"{where}: the JSON refers to tensor {name!r:.80}, which the tensor file does "
+                "not hold"
             )
-        return tensors[value["__tensor__"]]
-    if set(value) == {"__tuple__"}:
-        return tuple(_decode(value["__tuple__"], tensors, where))
-    if set(value) == {"__dict__"}:
-        return {
-            _decode(key, tensors, where): _decode(item, tensors, where)
-            for key, item in value["__dict__"]
-        }
-    if set(value) == {"__slice__"}:
-        return slice(*value["__slice__"])
-    if set(value) == {"__component__", "fields"}:
-        cls = getattr(components, str(value["__component__"]), None)
-        if not (isinstance(cls, type) and issubclass(cls, components.Component)):
-            raise ResultFileError(f"{where}: unknown component kind {value['__component__']!r}")
-        try:
-            return cls(**_decode(value["fields"], tensors, where))
-        except (TypeError, ValueError) as err:
+        return tensors[name]
+    if keys == {"__tuple__"}:
+        items = value["__tuple__"]
+        if not isinstance(items, list):
+            raise _malformed(where, value, '{"__tuple__": [items]}')
+        return tuple(_decode(items, tensors, where))
+    if keys == {"__dict__"}:
+        pairs = value["__dict__"]
+        if not (
+            isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)
+        ):
+            raise _malformed(where, value, '{"__dict__": [[key, value], ...]}')
+        out = {}
+        for key, item in pairs:
+            key = _decode(key, tensors, f"{where} (a key)")
+            try:
+                hash(key)
+            except TypeError as err:
+                raise _malformed(where, value, "keys that are numbers, strings or tuples") from err
+            out[key] = _decode(item, tensors, f"{where}[{key!r:.40}]")
+        return out
+    if keys == {"__slice__"}:
+        bounds = value["__slice__"]
+        if not (
+            isinstance(bounds, list) and len(bounds) == 3 and all(map(_is_int_or_none, bounds))
+        ):
+            raise _malformed(where, value, '{"__slice__": [start, stop, step]} of ints or null')
+        return slice(*bounds)
+    if keys == {"__component__", "fields"}:
+        cls = _component_class(value["__component__"])
+        if cls is None:
             raise ResultFileError(
-                f"{where}: cannot rebuild a component from {value}: {err}"
-            ) from err
-    return {key: _decode(item, tensors, where) for key, item in value.items()}
+                f"{where}: unknown component kind {value['__component__']!r:.80}; a saved "
+                "result names a class of circuitkit.core.components such as 'Head'"
+            )
+        fields = _decode(value["fields"], tensors, f"{where}.fields")
+        if not isinstance(fields, dict):
+            raise _malformed(where, value, '{"__component__": kind, "fields": {name: value}}')
+        _check_fields(cls, fields, where)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as err:
+            raise ResultFileError(f"{where}: cannot rebuild a {cls.__name__}: {err}") from err
+    if keys & set(_TAGS):
+        raise _malformed(where, value, "one of the tags " + ", ".join(_TAGS) + " alone")
+    return {key: _decode(item, tensors, f"{where}[{key!r}]") for key, item in value.items()}
+
+
+def _malformed(where: str, value: Any, expected: str) -> ResultFileError:
+    return ResultFileError(f"{where}: malformed tagged value {value!r:.80}; expected {expected}")
+
+
+def _is_int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _component_class(kind: Any) -> type[Component] | None:
+    """The class of circuitkit.core.components named ``kind``, or None."""
+    cls = getattr(components, kind, None) if isinstance(kind, str) else None
+    if isinstance(cls, type) and issubclass(cls, Component) and cls is not Component:
+        return cls
+    return None
+
+
+def _check_fields(cls: type[Component], fields: Mapping[Any, Any], where: str) -> None:
+    """Raise ResultFileError unless each of ``fields`` is an init field of ``cls`` whose value
+    has the field's annotated type (the dataclasses themselves do not check types)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for name, item in fields.items():
+        if name not in names:
+            raise ResultFileError(
+                f"{where}: {cls.__name__} has no field {name!r:.40}; its fields are {names}"
+            )
+        if not _fits(item, hints[name]):
+            expected = getattr(hints[name], "__name__", str(hints[name]).replace("typing.", ""))
+            raise ResultFileError(
+                f"{where}: {cls.__name__}.{name} is {item!r:.80}; expected {expected}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` of a component field. A bare ``tuple`` stands
+    for positions: a tuple or list of ints, as components take them."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return any(type(value) is type(o) and value == o for o in typing.get_args(hint))
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is tuple:
+        return isinstance(value, (tuple, list)) and all(_fits(item, int) for item in value)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _nesting(document: Any) -> int:
+    """How deeply lists and dicts nest in a JSON document (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return deepest
+
+
+def _checksum(document: Mapping[str, Any]) -> str:
+    """The SHA-256 of ``document`` without its "checksum" key, serialised canonically.
+
+    Canonical: no spaces, non-ASCII characters escaped, floats as Python writes them (which
+    read back exactly), keys in the document's order. Any change of a key or a value changes
+    it; changes of layout that JSON reads back the same (spacing, escapes) do not.
+    """
+    content = {key: value for key, value in document.items() if key != "checksum"}
+    canonical = json.dumps(content, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _storable(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
