@@ -95,6 +95,39 @@ def test_heatmap_fades_cells_whose_interval_spans_zero():
     fig.to_json()
 
 
+def mostly_uncertain_result(shape, n=30, seed=0):
+    """Two cells with clear effects (+3, -3) among cells with none: as direct logit
+    attribution by head, where most heads do little."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(shape)
+    means.view(-1)[0], means.view(-1)[-1] = 3.0, -3.0
+    examples = means[..., None] + torch.randn(*shape, n, generator=g)
+    axes = ("layer", "head", "pos")[: len(shape)]
+    return Result.from_examples(examples, axes, {}, metric="logit_diff", method="dla")
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (5, 9), (3, 4, 6)])
+def test_slashes_only_while_uncertain_cells_are_few(shape):
+    uncertain = mostly_uncertain_result(shape)
+    mask = spans_zero(uncertain)
+    assert mask.float().mean() > 0.5  # most cells would be marked
+    fig = ck.plot(uncertain)
+    row_axis, col_axis = uncertain.axes[-2:]
+    for i in range(0, len(fig.data), 3):  # each facet: its heatmap, fading and slashes
+        _, fade, slashes = fig.data[i : i + 3]
+        assert torch.equal(faded(fade), mask.reshape(-1, *mask.shape[-2:])[i // 3])
+        assert not slashed(slashes, uncertain, row_axis, col_axis).any()
+    assert "faded cells: the interval includes 0" in fig.layout.title.text
+    assert "slashed" not in fig.layout.title.text
+    # where the uncertain cells are the exception, every one is slashed
+    few = mixed_result(shape)
+    assert spans_zero(few).float().mean() <= 0.5
+    fig = ck.plot(few)
+    first = spans_zero(few).reshape(-1, *shape[-2:])[0]
+    assert torch.equal(slashed(fig.data[2], few, row_axis, col_axis), first)
+    assert "faded, slashed cells" in fig.layout.title.text
+
+
 def test_sem_fading_uses_the_normal_interval():
     result = mixed_result((3, 4), n=5)
     fig = ck.plot(result, error="sem")
@@ -132,6 +165,54 @@ def test_patching_result_plots(tiny_attn_only):
     result = ck.activation_patching(
         tiny_attn_only, clean, clean.flip(0), "head", metric, per_position=True, progress=False
     )
-    fig = result.plot(title="heads")
+    fig = ck.plot(result, title="heads")
     assert isinstance(fig, go.Figure) and fig.layout.title.text.startswith("heads<br>")
     assert len(fig.data) == 3 * tiny_attn_only.cfg.n_layers
+
+
+def causal_trace_panels(fig, n_tokens):
+    """Check that every panel of ``fig`` lies inside the plot area with room for its tokens and
+    its colour bar beside it, and that no two overlap."""
+    layout = fig.layout
+    plot_width = layout.width - layout.margin.l - layout.margin.r
+    plot_height = layout.height - layout.margin.t - layout.margin.b
+    boxes = []
+    for heatmap in fig.data:
+        x_domain = layout[heatmap.xaxis.replace("x", "xaxis")].domain
+        y_domain = layout[heatmap.yaxis.replace("y", "yaxis")].domain
+        # every panel lies inside the plot area, at least 200 px wide and 18 px a token tall
+        assert 0 <= x_domain[0] < x_domain[1] <= 1 and 0 <= y_domain[0] < y_domain[1] <= 1
+        assert (x_domain[1] - x_domain[0]) * plot_width >= 200
+        assert (y_domain[1] - y_domain[0]) * plot_height >= 18 * n_tokens
+        # its colour bar beside it, as tall as it
+        bar = heatmap.colorbar
+        assert x_domain[1] < bar.x < x_domain[1] + 0.05
+        assert y_domain[0] <= bar.y - bar.len / 2 and bar.y + bar.len / 2 <= y_domain[1]
+        boxes.append((x_domain, y_domain))
+    for i, (xa, ya) in enumerate(boxes):  # no two panels overlap
+        for xb, yb in boxes[i + 1 :]:
+            assert xa[1] <= xb[0] or xb[1] <= xa[0] or ya[1] <= yb[0] or yb[1] <= ya[0]
+
+
+def test_causal_trace_panels_each_get_room_for_their_tokens(tiny_gpt2):
+    traces = [
+        ck.causal_trace(
+            tiny_gpt2, "The Eiffel Tower is in", "Eiffel Tower", " Paris", kind=kind, samples=1,
+            progress=False,
+        )
+        for kind in ("resid", "mlp", "attn")
+    ]  # fmt: skip
+    n_tokens = len(traces[0].scores.labels["pos"])
+    for n_traces, columns in ((1, None), (2, None), (3, None), (3, 1), (3, 2)):
+        fig = ck.plot_causal_trace(*traces[:n_traces], columns=columns)
+        causal_trace_panels(fig, n_tokens)
+    # side by side the figure widens with the panels; stacked it grows taller
+    widths = [ck.plot_causal_trace(*traces[:n]).layout.width for n in (1, 2, 3)]
+    heights = [ck.plot_causal_trace(*traces[:n], columns=1).layout.height for n in (1, 2, 3)]
+    assert widths[0] < widths[1] < widths[2] and heights[0] < heights[1] < heights[2]
+    # a given width is kept, and the panels fit it
+    stacked = ck.plot_causal_trace(*traces, columns=1, width=700)
+    assert stacked.layout.width == 700
+    causal_trace_panels(stacked, n_tokens)
+    with pytest.raises(CircuitkitError, match="columns must be a positive integer"):
+        ck.plot_causal_trace(*traces, columns=0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from _browser import render
 
 import circuitkit as ck
 from circuitkit.core.errors import CircuitkitError
@@ -105,6 +108,42 @@ def test_edge_widths_follow_the_scores():
     }  # fmt: skip
     assert sum(t.showlegend for t in lines(fig)) == 5  # one legend entry per kind
     assert "score -0.2" in next(t for t in lines(fig) if t.name == "into keys").text[0]
+
+
+def tall_circuit():
+    """Twelve classes of fourteen heads each: a graph taller than its legend's column."""
+    return ck.Circuit.from_classes(
+        {f"class {k}": [ck.Head(k, h).at("end") for h in range(14)] for k in range(12)}
+    )
+
+
+def test_the_legend_runs_in_rows_under_the_title():
+    for circuit in (ioi_style_circuit(), tall_circuit(), tiny_edge_circuit()):
+        fig = ck.plot_circuit(circuit)
+        legend, title, height = fig.layout.legend, fig.layout.title, fig.layout.height
+        assert legend.orientation == "h" and legend.xanchor == "left" and legend.x == 0
+        # both fixed in pixels from the top of the figure, the legend below the title
+        assert title.yref == legend.yref == "container"
+        assert title.y == 1 and title.yanchor == "top" and legend.yanchor == "top"
+        assert 40 <= (1 - legend.y) * height <= fig.layout.margin.t
+
+
+@pytest.mark.parametrize("width", [500, 1100])
+def test_the_legend_stays_above_a_tall_graph_in_a_browser(tmp_path, width):
+    fig = ck.plot_circuit(tall_circuit())
+    fig.update_layout(width=width)
+    page = tmp_path / "tall.html"
+    fig.write_html(page, include_plotlyjs=True, full_html=True)
+    dom = render(page).dom
+    legend = re.search(r'<g class="legend"[^>]*translate\(([\d.]+),([\d.]+)\)', dom)
+    legend_height = re.search(r'<g class="legend".*?<rect class="bg"[^>]*height="([\d.]+)"', dom)
+    plot_top = re.search(r'<rect class="nsewdrag drag" data-subplot="xy"[^>]*y="([\d.]+)"', dom)
+    title_top = re.search(r'<text class="gtitle"[^>]*y="([\d.]+)"', dom)
+    assert legend and legend_height and plot_top and title_top, "no legend, title or plot drawn"
+    top, bottom = float(legend.group(2)), float(legend.group(2)) + float(legend_height.group(1))
+    assert float(title_top.group(1)) + 17 <= top  # below the title's 17 px line
+    assert bottom <= float(plot_top.group(1))  # above the graph, whatever its rows
+    assert bottom < 250  # in view at the top of the figure, not down its side
 
 
 def test_bad_input():

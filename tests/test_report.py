@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import struct
 
 import plotly.graph_objects as go
 import pytest
 import torch
 from _browser import figures_rendered, render
+from _device import DEVICE
 
 import circuitkit as ck
-from circuitkit.interface.report import Report
+from circuitkit.core import models
+from circuitkit.interface.ioi_report import ioi_report, ioi_study
+from circuitkit.interface.report import FIGURE_WIDTH, Report
 from circuitkit.interface.trace_report import trace_report
 
 
@@ -108,6 +114,109 @@ def test_a_script_error_is_seen(tmp_path):
     page.write_text("<html><body><script>notAFunction();</script></body></html>")
     rendered = render(page)
     assert any("notAFunction" in m for m in rendered.console), rendered.console
+
+
+def page_figures(report):
+    """``{caption: figure}`` of every figure on the page, read back from its HTML."""
+    figures = {}
+    decoder = json.JSONDecoder()
+    for block in report.blocks:
+        call = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', block)
+        if call is None:
+            continue
+        data, end = decoder.raw_decode(block, call.end())
+        layout, _ = decoder.raw_decode(block, block.index("{", end))
+        caption = html.unescape(re.search(r"<figcaption>(.*?)</figcaption>", block).group(1))
+        figures[caption] = go.Figure(data=data, layout=layout)
+    return figures
+
+
+def figure_with(figures, words):
+    (caption,) = [c for c in figures if words in c]
+    return caption, figures[caption]
+
+
+def colour_name(rgb):
+    """ "red" or "blue": which of the two dominates an "rgb(r,g,b)" colour."""
+    red, _, blue = map(int, re.findall(r"\d+", rgb))
+    return "red" if red > blue else "blue"
+
+
+@pytest.fixture(scope="module")
+def ioi_page():
+    model = models.tiny_model("gpt2").to(DEVICE)
+    ds = ck.IOIDataset(model, n=8, seed=1)
+    study = ioi_study(model, ds, discover_n=8, patch_n=4, sweeps=("head",), progress=False)
+    return study, ioi_report(study, model_name="tiny")
+
+
+def test_dla_caption_names_the_colours_the_heatmap_uses(ioi_page):
+    study, report = ioi_page
+    caption, fig = figure_with(page_figures(report), "W_U[IO] - W_U[S]")
+    heatmap = fig.data[0]
+    assert heatmap.zmid == 0 and heatmap.zmax > 0 > heatmap.zmin
+    positive, negative = (
+        colour_name(heatmap.colorscale[-1][1]),
+        colour_name(heatmap.colorscale[0][1]),
+    )
+    assert {positive, negative} == {"red", "blue"}
+    towards = re.search(r"(red|blue) heads[^,:]* push towards the right name", caption)
+    against = re.search(r", (red|blue) heads[^,]* against it", caption)
+    assert towards and against, caption
+    # DLA is positive for a head that raises logit(IO) - logit(S): it pushes towards IO
+    assert towards.group(1) == positive and against.group(1) == negative
+
+
+def test_path_patching_heatmaps_show_the_change_from_the_baseline(ioi_page, tmp_path):
+    study, report = ioi_page
+    figures = page_figures(report)
+    info = study.circuit.info
+    low_colour = None
+    for key, words, name in (
+        ("direct", "path to the logits", "path_logits"),
+        ("queries", "paths to the queries", "path_queries"),
+    ):
+        if key not in info:
+            continue
+        raw = info[key]
+        baseline = raw.baseline()
+        assert baseline is not None and baseline.shape == (raw.n_examples,)
+        change = raw.minus(baseline)
+        caption, fig = figure_with(figures, words)
+        heatmap = fig.data[0]
+        torch.testing.assert_close(torch.tensor(heatmap.z), change.values.float())
+        assert not torch.allclose(change.values, raw.values)  # a real shift, not a relabel
+        assert "change" in caption and "change" in heatmap.colorbar.title.text
+        # the saved result is the one drawn
+        assert report.results[name].equals(change)
+        low_colour = colour_name(heatmap.colorscale[0][1])
+    assert "direct" in info and low_colour == "red"
+    # noising a name mover lowers the logit difference: the caption's colour for it is the low end
+    caption, _ = figure_with(figures, "path to the logits")
+    assert re.search(r"red heads \(noising lowers it\) are name movers", caption), caption
+
+
+def test_trace_page_fits_every_heatmap_in_the_page(tiny_gpt2):
+    prompt = "The Eiffel Tower is located in the city of"
+    report, traces = trace_report(
+        tiny_gpt2, prompt, "Eiffel Tower", " Paris", samples=1, progress=False
+    )
+    _, fig = figure_with(page_figures(report), "Each cell is p(target)")
+    heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
+    assert len(heatmaps) == len(traces) == 3
+    n_tokens = len(tiny_gpt2.to_tokens(prompt)[0])
+    layout = fig.layout
+    assert layout.width <= FIGURE_WIDTH  # nothing past the page's edge
+    plot_height = layout.height - layout.margin.t - layout.margin.b
+    for heatmap in heatmaps:
+        x_domain = layout[heatmap.xaxis.replace("x", "xaxis")].domain
+        y_domain = layout[heatmap.yaxis.replace("y", "yaxis")].domain
+        assert 0 <= x_domain[0] and x_domain[1] <= 1 and 0 <= y_domain[0] and y_domain[1] <= 1
+        assert (y_domain[1] - y_domain[0]) * plot_height >= 18 * n_tokens
+        assert heatmap.colorbar.x < 1.1  # the colour bar inside the figure's right margin
+    # the page's figure box leaves room for the width the figure takes
+    main = re.search(r"main \{ max-width: (\d+)px;[^}]*padding: \d+px (\d+)px", report.to_html())
+    assert FIGURE_WIDTH <= int(main.group(1)) - 2 * int(main.group(2)) - 2 * 12 - 2
 
 
 @pytest.mark.real

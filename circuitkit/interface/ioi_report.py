@@ -230,10 +230,11 @@ _PATCH_WORDS = {
 def ioi_report(study: IOIStudy, *, model_name: str) -> Report:
     """The page of an ``IOIStudy``: the baseline table, the logit lens, direct logit
     attribution by head, the activation-patching heatmaps, the path-patching results behind the
-    circuit (to the logits and to the name movers' queries), the attention scores of the
-    circuit's heads, the circuit as a graph with its classes and its faithfulness. Every figure
-    is an interactive plotly chart with a one-line caption; every result is saved beside the
-    page when it is written.
+    circuit (to the logits and to the name movers' queries, each head's change of the logit
+    difference from the unpatched run), the attention scores of the circuit's heads, the
+    circuit as a graph with its classes and its faithfulness. Every figure is an interactive
+    plotly chart with a one-line caption; every result is saved beside the page when it is
+    written.
 
     Example::
 
@@ -284,7 +285,8 @@ def ioi_report(study: IOIStudy, *, model_name: str) -> Report:
     report.figure(
         plot(study.heads, title="Direct effect of each head on the logit difference"),
         "Each head's output at the last token projected on W_U[IO] - W_U[S] through the final "
-        "norm: red heads push towards the right name directly, blue heads against it.",
+        "norm: blue heads (positive) push towards the right name directly, red heads "
+        "(negative) against it.",
         result=study.heads,
         name="dla_heads",
     )
@@ -326,34 +328,41 @@ def _circuit_sections(report: Report, study: IOIStudy) -> None:
     circuit, faithful = study.circuit, study.faithful
     assert circuit is not None and faithful is not None
     info = circuit.info
+    # Each round's change from the unpatched run (its baseline), paired per prompt: the raw
+    # logit differences all sit near the baseline, one colour on a scale centred at 0.
+    changes = {
+        key: info[key].effect() for key in ("direct", "queries", "s2", "s1+1") if key in info
+    }
     report.heading(
         "Path patching",
         f"On the first {study.discover_n} prompts, noising: each head's ABC output is sent only "
         "along its direct paths (through MLPs, not through other heads) to the receivers, and "
-        "the logit difference read. ck.find_ioi_circuit runs these rounds and classes the "
-        "heads that matter by their attention patterns.",
+        "the logit difference read. Each cell is its change from the unpatched run "
+        f"(logit difference {info['base']:.3f}). ck.find_ioi_circuit runs these rounds and "
+        "classes the heads that matter by their attention patterns.",
     )
-    if "direct" in info:
+    if "direct" in changes:
         report.figure(
-            plot(info["direct"], title="Path patching: each head -> the logits"),
-            "The logit difference when one head's path to the logits carries its ABC output: "
-            "blue heads (lower) are name movers and other heads that write the answer, red "
-            "heads (higher) write against it.",
-            result=info["direct"],
+            plot(changes["direct"], title="Path patching: each head -> the logits"),
+            "The change in the logit difference from the unpatched run when one head's path to "
+            "the logits carries its ABC output: red heads (noising lowers it) are name movers "
+            "and other heads that write the answer, blue heads (noising raises it) write "
+            "against it.",
+            result=changes["direct"],
             name="path_logits",
         )
-    if "queries" in info:
+    if "queries" in changes:
         report.figure(
-            plot(info["queries"], title="Path patching: each head -> the name movers' queries"),
-            "The same for the paths to the queries at the last token of the heads that write "
-            "the answer: blue heads are the s-inhibition heads that tell them which name to "
-            "avoid.",
-            result=info["queries"],
+            plot(changes["queries"], title="Path patching: each head -> the name movers' queries"),
+            "The same change for the paths to the queries at the last token of the heads that "
+            "write the answer: red heads are the s-inhibition heads that tell them which name "
+            "to avoid.",
+            result=changes["queries"],
             name="path_queries",
         )
     for key in ("s2", "s1+1"):  # the later rounds: saved, drawn on request
-        if key in info:
-            report.add_result(info[key], f"path_{key.replace('+', 'p')}")
+        if key in changes:
+            report.add_result(changes[key], f"path_{key.replace('+', 'p')}")
 
     report.heading("Attention of the circuit's heads")
     report.figure(

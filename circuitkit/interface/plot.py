@@ -29,7 +29,7 @@ from circuitkit.core.results import Result
 from circuitkit.methods.causal_tracing import CausalTrace
 
 # The diverging colour scale of heatmaps: low (negative) red, high (positive) blue.
-DIVERGING_SCALE = "RdBu"
+_DIVERGING_SCALE = "RdBu"
 # Opacity of the white layer over cells whose interval includes zero.
 _FADE_OPACITY = 0.7
 _SLASH_COLOUR = "rgba(60, 60, 60, 0.7)"
@@ -51,7 +51,7 @@ def plot(
     """A labelled plotly figure of ``result``, with the uncertainty of each effect.
 
     1-D results are a line (or bars with ``kind="bar"``) with error bars; 2-D results a heatmap
-    centred at zero (``DIVERGING_SCALE``: negative red, positive blue), rows the first axis,
+    centred at zero (plotly's "RdBu": negative red, positive blue), rows the first axis,
     cells whose interval includes zero faded (hover shows the interval); 3-D results one such
     heatmap per index of the first axis, on one colour scale.
 
@@ -201,7 +201,7 @@ def _heatmaps(
         x=result.labels[col_axis],
         y=result.labels[row_axis],
         customdata=customdata,
-        colorscale=DIVERGING_SCALE,
+        colorscale=_DIVERGING_SCALE,
         zmid=0.0,
         zmin=-bound,
         zmax=bound,
@@ -223,7 +223,8 @@ def _heatmaps(
         hoverinfo="skip",
         name="interval includes 0",
     )
-    # A slash in each faded cell, so a faded strong effect does not read as a weak one.
+    # A slash in each faded cell, so a faded strong effect does not read as a weak one; none
+    # when most cells are faded (see plot's docstring).
     where = spans_zero.nonzero().tolist() if slash else []
     slashes = go.Scatter(
         x=[cols[j] for _, j in where],
@@ -260,34 +261,71 @@ def _facets(
 
 _TRACE_COLORS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 _TRACE_NAMES = {"resid": "the residual stream", "mlp": "MLP outputs", "attn": "attention outputs"}
+# Room of a causal-trace panel, in pixels: the heatmap's width, its height per token (and at
+# least), the gaps between panels (a panel's colour bar and the next one's tokens side by side;
+# the layer axis and the next panel's title one above the other) and the margins.
+_PANEL_WIDTH = 280
+_PANEL_ROW = 22
+_PANEL_MIN_HEIGHT = 180
+_PANEL_GAP_X = 160
+_PANEL_GAP_Y = 110
+_PANEL_MARGIN = dict(l=110, r=100, t=100, b=60)
 
 
-def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> go.Figure:
-    """ROME-style heatmaps of one to three causal traces, side by side.
+def plot_causal_trace(
+    *traces: Any, title: str | None = None, columns: int | None = None, **layout: Any
+) -> go.Figure:
+    """ROME-style heatmaps of one to three causal traces, ``columns`` to a row.
 
     Each panel has the prompt's tokens as rows (subject tokens marked ``*``) and layers as
     columns; the colour is the target's probability in the restored run, from the corrupted
     probability (light) up. Residual-stream traces are purple, MLP green, attention red, as in
-    the paper.
+    the paper. Panels sit side by side unless ``columns`` is smaller (``columns=1`` stacks
+    them); the figure's width grows with the columns and its height with the rows of panels
+    and the prompt's tokens, so every panel gets the same room however many there are. Each
+    panel's colour bar sits just right of it. ``layout`` goes to ``fig.update_layout`` (a
+    ``width`` given there fits the panels to it).
 
     Example::
 
         traces = [ck.causal_trace(model, prompt, subject, target, kind=k)
                   for k in ("resid", "mlp", "attn")]
         ck.plot_causal_trace(*traces).show()
+        ck.plot_causal_trace(*traces, columns=1, width=900)  # stacked, for a narrow page
     """
     if not 1 <= len(traces) <= 3:
         raise ShapeError(f"plot_causal_trace: give one to three traces, got {len(traces)}")
+    columns = len(traces) if columns is None else columns
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise CircuitkitError(
+            f"plot_causal_trace: columns must be a positive integer, got {columns!r}"
+        )
+    columns = min(columns, len(traces))
+    rows = -(-len(traces) // columns)
+    n_tokens = max(len(trace.scores.labels["pos"]) for trace in traces)
+    panel_height = max(_PANEL_MIN_HEIGHT, _PANEL_ROW * n_tokens)
+    margin = _PANEL_MARGIN
+    plot_width = columns * _PANEL_WIDTH + (columns - 1) * _PANEL_GAP_X
+    plot_height = rows * panel_height + (rows - 1) * _PANEL_GAP_Y
     titles = []
     for trace in traces:
         window = f", {trace.window} layer window" if trace.window > 1 else ""
         titles.append(f"Restoring {_TRACE_NAMES[trace.kind]}{window}")
-    fig = make_subplots(rows=1, cols=len(traces), subplot_titles=titles, horizontal_spacing=0.2)
+    fig = make_subplots(
+        rows=rows,
+        cols=columns,
+        subplot_titles=titles,
+        horizontal_spacing=_PANEL_GAP_X / plot_width if columns > 1 else 0.0,
+        vertical_spacing=_PANEL_GAP_Y / plot_height if rows > 1 else 0.0,
+    )
     for i, trace in enumerate(traces):
+        row, col = i // columns + 1, i % columns + 1
+        panel = fig.get_subplot(row, col)
         scores = trace.scores
         values = scores.values.detach().float().cpu()
         low = min(trace.corrupted_prob, float(values.min()))
         high = max(float(values.max()), low + 1e-9)
+        bottom, top = panel.yaxis.domain
         fig.add_trace(
             go.Heatmap(
                 z=values.T.tolist(),
@@ -296,30 +334,36 @@ def plot_causal_trace(*traces: Any, title: str | None = None, **layout: Any) -> 
                 colorscale=_TRACE_COLORS[trace.kind],
                 zmin=low,
                 zmax=high,
-                # each panel's colour bar sits just right of its own panel
+                # each panel's colour bar sits just right of its own panel, as tall as it
                 colorbar=dict(
                     title=dict(text=scores.metric, side="right"),
-                    x=fig.get_subplot(1, i + 1).xaxis.domain[1] + 0.01,
+                    x=panel.xaxis.domain[1] + 0.01,
                     xanchor="left",
-                    len=0.9,
+                    y=(bottom + top) / 2,
+                    yanchor="middle",
+                    len=0.9 * (top - bottom),
                     thickness=12,
                 ),
                 hovertemplate="layer %{x}<br>token %{y}<br>p %{z:.4f}<extra></extra>",
             ),
-            row=1,
-            col=i + 1,
+            row=row,
+            col=col,
         )
-        fig.update_xaxes(title_text="layer", type="category", row=1, col=i + 1)
+        fig.update_xaxes(title_text="layer", type="category", row=row, col=col)
     fig.update_yaxes(autorange="reversed", type="category")
     first = traces[0]
     default = (
         f"Causal trace of {first.scores.metric}: clean {first.clean_prob:.3f}, "
         f"corrupted {first.corrupted_prob:.3f}"
     )
+    size = {
+        "width": margin["l"] + plot_width + margin["r"],
+        "height": margin["t"] + plot_height + margin["b"],
+        "margin": margin,
+    }
     fig.update_layout(
         title=title if title is not None else default,
         template="plotly_white",
-        width=400 * len(traces) + 60,
-        **layout,
+        **{**size, **layout},
     )
     return fig

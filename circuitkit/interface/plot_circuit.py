@@ -16,7 +16,8 @@ stay apart. When the circuit's ``info["scores"]`` holds the edges' scores (``ck.
 a line's width grows with the edge's |score|, in four steps (plotly gives one width per
 trace); lines are shallow arcs, higher the more layers they span, so that edges along one row stay
 apart; hover over a line for the edge and its score. A circuit of heads alone (no
-edges) is drawn as its nodes. Nothing here changes plotly's global settings.
+edges) is drawn as its nodes. The legend runs in rows under the title, above the graph, where
+it stays in view however tall the graph is. Nothing here changes plotly's global settings.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ _PORT_OFFSET = {"q": 0.15, "k": 0.0, "v": -0.15}
 _WIDTHS = (1.0, 2.0, 3.5, 5.5)
 _ARC = tuple(i / 12 for i in range(13))  # points along each edge's arc
 _BULGE = 0.04  # the arc's height per layer it spans
+_TITLE_ROOM = 50  # pixels from the top of the figure to the legend, under the title
+_LEGEND_ROOM = 60  # pixels added to the figure's height for the rows of the legend
 
 
 def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
@@ -158,12 +161,32 @@ def plot_circuit(circuit: Circuit, *, title: str | None = None) -> go.Figure:
     fig.update_yaxes(visible=False, range=[bottom, top])
     summary = f"{len(roles)} heads" + (f", {len(circuit.edges)} edges" if circuit.edges else "")
     default = f"{circuit.name or 'Circuit'} ({summary})"
+    # The legend runs in rows under the title, above the plot: beside a tall graph a column of
+    # entries scrolls out of view, or into a scroll box of its own once it outgrows the figure.
+    # Both sit at fixed pixels from the top (yref "container"), and plotly pushes the plot down
+    # below however many rows of entries the figure's width gives.
+    height = max(450, 45 * (top - bottom) + 150) + _LEGEND_ROOM
     fig.update_layout(
-        title=title if title is not None else default,
+        title=dict(
+            text=title if title is not None else default,
+            yref="container",
+            y=1.0,
+            yanchor="top",
+            pad=dict(t=15),
+        ),
         template="plotly_white",
         hovermode="closest",
-        legend=dict(itemsizing="constant"),
-        height=max(450, 45 * (top - bottom) + 150),
+        legend=dict(
+            orientation="h",
+            x=0.0,
+            xanchor="left",
+            yref="container",
+            y=1 - _TITLE_ROOM / height,
+            yanchor="top",
+            itemsizing="constant",
+        ),
+        margin=dict(t=_TITLE_ROOM),
+        height=height,
     )
     return fig
 

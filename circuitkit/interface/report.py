@@ -38,6 +38,10 @@ from circuitkit.core.results import Result
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+# The widest figure the page shows whole, in pixels: main's max-width less its padding and the
+# figure box's padding and border (see _STYLE). A wider one scrolls sideways inside its box.
+FIGURE_WIDTH = 1180 - 2 * 32 - 2 * 12 - 2 * 1
+
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
@@ -273,4 +277,4 @@ def provenance_details(result: Result, name: str) -> str:
     )
 
 
-__all__ = ["Report", "provenance_details"]
+__all__ = ["FIGURE_WIDTH", "Report", "provenance_details"]

@@ -8,7 +8,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from circuitkit.interface.plot import plot_causal_trace
-from circuitkit.interface.report import Report
+from circuitkit.interface.report import FIGURE_WIDTH, Report
 from circuitkit.methods.causal_tracing import causal_trace, find_subject
 
 _KIND_WORDS = {
@@ -34,8 +34,9 @@ def trace_report(
     """Trace one factual prompt with ``ck.causal_trace`` for each kind and build its page.
 
     Returns ``(report, traces)``: the ``Report`` (heatmaps of the restored probability over
-    layers and tokens, the indirect effect by layer at the last subject token and at the last
-    token, and a table of the peaks) and the ``CausalTrace`` of each kind.
+    layers and tokens, one panel per kind, one under another as wide as the page; the indirect
+    effect by layer at the last subject token and at the last token, and a table of the peaks)
+    and the ``CausalTrace`` of each kind.
 
     Example::
 
@@ -80,8 +81,10 @@ def trace_report(
         text_columns=(0, 1, 2),
     )
     report.heading("Where restoring a clean state brings the answer back")
+    # One panel under another, as wide as the page: side by side, three panels of a model's
+    # layers need more width than the page has and the last would be cut off.
     report.figure(
-        plot_causal_trace(*traces.values()),
+        plot_causal_trace(*traces.values(), columns=1, width=FIGURE_WIDTH),
         "Each cell is p(target) when the clean activation at that token (row; * marks the "
         "subject) and layer (column) is restored into the noised run; dark cells carry the "
         "fact.",
