@@ -40,11 +40,13 @@ if TYPE_CHECKING:
     from circuitkit.core.errors import (
         CircuitkitError,
         ComponentError,
+        DatasetError,
         MetricError,
         ModelLoadError,
         ResultFileError,
         ShapeError,
         TokenizationError,
+        TokenizationWarning,
     )
     from circuitkit.core.graph import Edge, EdgeScores, Graph, SenderOutputs, sender_outputs
     from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero
@@ -96,11 +98,13 @@ _PUBLIC = {
     "tf32": "circuitkit.core.engine",
     "CircuitkitError": "circuitkit.core.errors",
     "ComponentError": "circuitkit.core.errors",
+    "DatasetError": "circuitkit.core.errors",
     "MetricError": "circuitkit.core.errors",
     "ModelLoadError": "circuitkit.core.errors",
     "ResultFileError": "circuitkit.core.errors",
     "ShapeError": "circuitkit.core.errors",
     "TokenizationError": "circuitkit.core.errors",
+    "TokenizationWarning": "circuitkit.core.errors",
     "Edge": "circuitkit.core.graph",
     "EdgeScores": "circuitkit.core.graph",
     "Graph": "circuitkit.core.graph",
@@ -186,6 +190,7 @@ __all__ = [
     "Comparison",
     "Component",
     "ComponentError",
+    "DatasetError",
     "Edge",
     "EdgeScores",
     "Embed",
@@ -208,6 +213,7 @@ __all__ = [
     "SenderOutputs",
     "ShapeError",
     "TokenizationError",
+    "TokenizationWarning",
     "Zero",
     "ablate",
     "ablation_sweep",

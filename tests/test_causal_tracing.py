@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import warnings
 
 import plotly.graph_objects as go
 import pytest
@@ -13,7 +15,13 @@ from hypothesis import strategies as st
 import circuitkit as ck
 from circuitkit.core.components import Embed, Neuron, Resid
 from circuitkit.core.engine import run_interventions
-from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
+from circuitkit.core.errors import (
+    CircuitkitError,
+    ComponentError,
+    ShapeError,
+    TokenizationError,
+    TokenizationWarning,
+)
 from circuitkit.core.interventions import Add, Intervention, Patch, Scale
 from circuitkit.core.metrics import Metric
 from circuitkit.methods.causal_tracing import find_subject, subject_noise
@@ -713,6 +721,124 @@ def test_causal_effects_errors(tiny_gpt2, tiny_attn_only):
 
 
 # ---------------------------------------------------------------------------------------------
+# Targets given as text, and arguments of the wrong kind
+
+
+def no_warnings(call):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return call()
+
+
+def test_target_without_its_leading_space_warns(tiny_gpt2):
+    trace_args = dict(samples=1, layers=[0], positions=[-1], progress=False)
+    effect_args = dict(per_position=False, layers=[0], progress=False)
+    calls = {
+        "causal_trace": (
+            "target",
+            lambda target: ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", target, **trace_args),
+        ),
+        "trace_token_probability": (
+            "target_idx",
+            lambda target: ck.trace_token_probability(tiny_gpt2, EIFFEL, target),
+        ),
+        "causal_effects": (
+            "target",
+            lambda target: ck.causal_effects(
+                tiny_gpt2, EIFFEL, EIFFEL, [target], kinds=("resid",), **effect_args
+            ),
+        ),
+    }
+    for where, (name, call) in calls.items():
+        with pytest.warns(TokenizationWarning) as caught:
+            call("Paris")
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert message.startswith(f"{where}: {name} 'Paris' has no leading space")
+        assert "Pass ' Paris'" in message
+        assert caught[0].filename == __file__  # it points at the call, not into circuitkit
+        no_warnings(lambda call=call: call(" Paris"))
+        no_warnings(lambda call=call: call(tiny_gpt2.to_single_token("Paris")))
+    # the foil is a target too
+    with pytest.warns(TokenizationWarning, match="causal_effects: foil 'Paris'"):
+        ck.causal_effects(
+            tiny_gpt2,
+            EIFFEL,
+            EIFFEL,
+            " Rome",
+            foil="Paris",
+            measure="logit_diff",
+            kinds=("resid",),
+            **effect_args,
+        )
+    # after a trailing space the unspaced word is what follows; punctuation takes no space
+    no_warnings(lambda: ck.trace_token_probability(tiny_gpt2, "The city of ", "Paris"))
+    no_warnings(lambda: ck.trace_token_probability(tiny_gpt2, EIFFEL, "."))
+
+
+def test_target_of_several_tokens_suggests_the_spaced_word(tiny_gpt2):
+    assert len(tiny_gpt2.to_tokens("Tokyo", prepend_bos=False)[0]) == 2
+    with pytest.raises(
+        TokenizationError, match=r"target 'Tokyo' is 2 tokens.*' Tokyo', with a leading space"
+    ):
+        ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", "Tokyo")
+    with pytest.raises(TokenizationError, match=r"target is an empty string"):
+        ck.causal_effects(tiny_gpt2, EIFFEL, EIFFEL, "")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(layers=2), ComponentError, r"causal_trace: layers must be a sequence.*got 2"),
+        (dict(layers="01"), ComponentError, r"causal_trace: layers must be a sequence"),
+        (dict(layers=[0.5]), ComponentError, r"causal_trace: layers must be a sequence"),
+        (dict(positions=3), ComponentError, r"causal_trace: positions must be a sequence"),
+        (dict(positions=["end"]), ComponentError, r"causal_trace: positions must be ints"),
+        (dict(subject=5), TokenizationError, r"causal_trace: subject must be a string.*got 5"),
+        (dict(subject=[]), TokenizationError, r"causal_trace: subject must be a string"),
+        (dict(occurrence="first"), CircuitkitError, r"causal_trace: occurrence must be None"),
+        (dict(seed="0"), CircuitkitError, r"causal_trace: seed must be an int, got '0'"),
+        (dict(noise=float("nan")), CircuitkitError, r"causal_trace: noise must be a finite"),
+    ],
+)
+def test_causal_trace_arguments_of_the_wrong_kind(tiny_gpt2, kwargs, error, message):
+    args = {"subject": "Eiffel Tower", **kwargs}
+    subject = args.pop("subject")
+    with pytest.raises(error, match=message):
+        ck.causal_trace(tiny_gpt2, EIFFEL, subject, " Paris", samples=1, progress=False, **args)
+
+
+def test_effects_and_probability_arguments_of_the_wrong_kind(tiny_gpt2):
+    base, source = "The capital of France is", "The capital of Japan is"
+    with pytest.raises(ComponentError, match=r"causal_effects: layers must be a sequence"):
+        ck.causal_effects(tiny_gpt2, base, source, " Tokyo", layers=1)
+    with pytest.raises(TokenizationError, match=r"trace_token_probability: target_idx must be"):
+        ck.trace_token_probability(tiny_gpt2, base, 1.5)
+
+
+def test_the_engine_is_called_with_the_methods_name(tiny_gpt2, monkeypatch):
+    # so that an error the engine raises names the function the user called
+    names = []
+
+    def spy(module):
+        engine_call = module.run_interventions
+
+        def call(*args, **kwargs):
+            names.append(kwargs.get("where"))
+            return engine_call(*args, **kwargs)
+
+        monkeypatch.setattr(module, "run_interventions", call)
+
+    spy(importlib.import_module("circuitkit.methods.causal_tracing"))
+    spy(importlib.import_module("circuitkit.methods.causal_effects"))
+    ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", " Paris", samples=1, layers=[0])
+    assert names and set(names) == {"causal_trace"}
+    names.clear()
+    ck.causal_effects(tiny_gpt2, EIFFEL, EIFFEL, " Paris", kinds=("resid",), per_position=False)
+    assert names and set(names) == {"causal_effects"}
+
+
+# ---------------------------------------------------------------------------------------------
 # The real model
 
 
@@ -770,3 +896,17 @@ def test_causal_effects_and_neurons_on_smollm(smollm):
         out.intervened_probs, intervened.softmax(-1)[:, -1], atol=1e-6, rtol=1e-4
     )
     assert out.kl.item() > 0
+
+
+@pytest.mark.real
+def test_target_without_its_leading_space_warns_on_smollm(smollm):
+    spaced = float(ck.trace_token_probability(smollm, EIFFEL, " Paris", position="last"))
+    with pytest.warns(TokenizationWarning, match=r"target_idx 'Paris' has no leading space"):
+        unspaced = float(ck.trace_token_probability(smollm, EIFFEL, "Paris", position="last"))
+    # the warning is right: the model predicts " Paris", almost never "Paris"
+    assert spaced > 0.2 and unspaced < 0.01 * spaced
+    with pytest.warns(TokenizationWarning, match=r"causal_trace: target 'Paris'.*Pass ' Paris'"):
+        trace = ck.causal_trace(
+            smollm, EIFFEL, "Eiffel Tower", "Paris", samples=1, layers=[0], positions=[-1]
+        )
+    assert trace.clean_prob == pytest.approx(unspaced, rel=1e-3)

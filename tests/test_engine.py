@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
+from circuitkit.core import engine
 from circuitkit.core.components import Attn, Embed, Head, Neuron, Resid
 from circuitkit.core.engine import record_activations, run_interventions
 from circuitkit.core.errors import ComponentError, MetricError, ShapeError
@@ -199,6 +200,58 @@ def test_model_unchanged_after_success_and_errors(tiny_gpt2):
                 reference=reference,
             )
         _assert_unchanged(tiny_gpt2, snapshot)
+
+
+def test_metric_of_the_wrong_shape_fails_before_any_patched_run(tiny_gpt2, monkeypatch):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 3)
+    runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
+    chunks, forwards = [], []
+    run_blocks, run_with_hooks = engine.run_blocks, tiny_gpt2.run_with_hooks
+
+    def counted_chunk(*args, **kwargs):
+        chunks.append(1)
+        return run_blocks(*args, **kwargs)
+
+    def counted_forward(*args, **kwargs):
+        forwards.append(1)
+        return run_with_hooks(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_blocks", counted_chunk)
+    monkeypatch.setattr(tiny_gpt2, "run_with_hooks", counted_forward)
+    one_number = Metric("mean_diff", metric.positions, lambda at: metric.fn(at).mean())
+    for bad in (lambda logits: logits[:, -1, 0].mean(), one_number):
+        for reference in (False, True):
+            with pytest.raises(MetricError) as caught:
+                run_interventions(tiny_gpt2, base, runs, bad, reference=reference, progress=False)
+            assert str(caught.value).startswith(
+                "run_interventions: the metric must return one value per example, shape (4,), "
+                "but it returned a tensor of shape () (one number for the whole batch"
+            )
+    assert chunks == [] and forwards == []
+    # a good metric does run the chunks, so the counts can tell
+    run_interventions(tiny_gpt2, base, runs[:2], metric, progress=False)
+    assert chunks
+
+
+def test_errors_name_the_function_the_user_called(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 4)
+    runs = [[Intervention(Attn(0), Zero())]]
+
+    def not_per_example(logits):
+        return logits[:, -1]
+
+    with pytest.raises(MetricError, match=r"^my_method: the metric must return"):
+        run_interventions(tiny_gpt2, base, runs, not_per_example, where="my_method")
+    with pytest.raises(MetricError, match=r"^my_sweep \(heads\): the metric must return"):
+        run_interventions(tiny_gpt2, base, runs, not_per_example, desc="my_sweep (heads)")
+    with pytest.raises(ShapeError, match=r"^my_method: tokens must be an integer"):
+        run_interventions(tiny_gpt2, base.float(), runs, metric, where="my_method")
+
+    def not_finite(logits):
+        return logits[:, -1, 0] / 0.0
+
+    with pytest.raises(MetricError, match=r"^my_method: the metric returned NaN or infinite"):
+        run_interventions(tiny_gpt2, base, runs, not_finite, where="my_method")
 
 
 def test_user_hooks_are_kept(tiny_gpt2):

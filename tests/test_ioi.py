@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuitkit.core.errors import TokenizationError
+from circuitkit.core.errors import CircuitkitError, DatasetError, TokenizationError
 from circuitkit.core.metrics import logit_diff
-from circuitkit.data.ioi import CORRUPTIONS, MIN_NAMES, TEMPLATES, IOIDataset, IOIExample
+from circuitkit.data import ioi
+from circuitkit.data.ioi import (
+    CORRUPTIONS,
+    MIN_NAMES,
+    NAMES,
+    TEMPLATES,
+    IOIDataset,
+    IOIExample,
+)
 
 N_ALL = 2 * len(TEMPLATES)  # every template in both orders
 
@@ -177,22 +187,46 @@ def test_sequence_protocol(tiny_gpt2):
     assert "n=12" in repr(ds)
 
 
-def test_multi_token_names_are_never_used(tiny_gpt2):
-    long_names = ["Bartholomew", "Gwendolyn"]
-    for name in long_names:
-        assert len(tiny_gpt2.to_tokens(" " + name, prepend_bos=False)[0]) > 1
+def test_names_given_that_are_several_tokens_are_an_error(tiny_gpt2):
     good = ["Mary", "John", "Tom", "Anna", "Lisa", "Paul"]
-    ds = IOIDataset(tiny_gpt2, n=40, names=[*long_names, *good])
-    assert set(ds.names) == set(good)
-    for dataset in (ds, *(ds.corrupted(kind) for kind in CORRUPTIONS)):
-        text = " ".join(dataset.prompts)
-        assert not any(name in text for name in long_names)
+    counts = {
+        name: len(tiny_gpt2.to_tokens(" " + name, prepend_bos=False)[0])
+        for name in ("Bartholomew", "Gwendolyn")
+    }
+    assert all(count > 1 for count in counts.values())
+    with pytest.raises(TokenizationError) as caught:
+        IOIDataset(tiny_gpt2, n=4, names=[*good[:3], "Bartholomew", *good[3:], "Gwendolyn"])
+    message = str(caught.value)
+    assert message.startswith("IOIDataset: every word in names must be one token")
+    for name, count in counts.items():
+        assert f"'{name}' is {count} tokens" in message
+    assert "'Mary'" not in message
+    with pytest.raises(TokenizationError, match=r"' Mary'.*without the leading space"):
+        IOIDataset(tiny_gpt2, n=4, names=[" Mary", *good])
+    with pytest.raises(TokenizationError, match=r"every word in places.*'Bartholomew Street' is"):
+        IOIDataset(tiny_gpt2, n=4, places=["park", "Bartholomew Street"])
+    with pytest.raises(TokenizationError, match=r"every word in objects.*'Gwendolyn' is"):
+        IOIDataset(tiny_gpt2, n=4, objects=["book", "Gwendolyn"])
+    assert set(IOIDataset(tiny_gpt2, n=4, names=good).names) == set(good)
 
 
-def test_too_few_single_token_names_is_a_tokenization_error(tiny_gpt2):
-    names = ["Mary", "John", "Tom", "Bartholomew", "Gwendolyn", "Brunhilde"]
-    with pytest.raises(TokenizationError, match=f"only 3 of the 6 names.*at least {MIN_NAMES}"):
-        IOIDataset(tiny_gpt2, n=4, names=names)
+def test_built_in_names_are_fitted_to_the_tokenizer_silently(tiny_gpt2, monkeypatch):
+    monkeypatch.setattr(ioi, "NAMES", (*ioi.NAMES, "Bartholomew", "Gwendolyn"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = IOIDataset(tiny_gpt2, n=40)
+    assert "Bartholomew" not in ds.names and "Gwendolyn" not in ds.names
+    assert set(ds.names) == set(NAMES)
+    text = " ".join(" ".join(d.prompts) for d in (ds, *(ds.corrupted(k) for k in CORRUPTIONS)))
+    assert "Bartholomew" not in text and "Gwendolyn" not in text
+
+
+def test_too_few_names_is_an_error(tiny_gpt2, monkeypatch):
+    with pytest.raises(DatasetError, match=f"names has 3 different names.*at least {MIN_NAMES}"):
+        IOIDataset(tiny_gpt2, n=4, names=["Mary", "John", "Tom", "Mary"])
+    monkeypatch.setattr(ioi, "NAMES", ("Mary", "John", "Tom", "Bartholomew", "Gwendolyn"))
+    with pytest.raises(TokenizationError, match=r"only 3 of the 5 built-in names.*give names="):
+        IOIDataset(tiny_gpt2, n=4)
 
 
 def test_both_orders_present(tiny_gpt2):
@@ -209,7 +243,7 @@ def test_custom_templates_words_and_no_bos(tiny_gpt2):
         tiny_gpt2,
         n=6,
         templates=[template],
-        places=["park", "Bartholomew Street"],
+        places=["park"],
         objects=["book"],
         prepend_bos=False,
     )
@@ -234,18 +268,40 @@ def test_bad_templates_are_rejected(tiny_gpt2, template):
 
 
 def test_invalid_arguments(tiny_gpt2):
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(DatasetError, match="n must be a positive integer"):
         IOIDataset(tiny_gpt2, n=0)
     cfg = HookedTransformerConfig(
         n_layers=1, d_model=8, n_ctx=8, d_head=4, d_vocab=10, act_fn="relu"
     )
     with pytest.raises(TokenizationError, match="no tokenizer"):
         IOIDataset(HookedTransformer(cfg), n=2)
+    with pytest.raises(DatasetError, match=r"names must be a list of strings.*got 'Mary'"):
+        IOIDataset(tiny_gpt2, n=2, names="Mary")
+    with pytest.raises(DatasetError, match=r"names must hold non-empty strings, got 7"):
+        IOIDataset(tiny_gpt2, n=2, names=["Mary", "John", "Tom", "Anna", 7])
+    with pytest.raises(DatasetError, match="templates must be a list of strings"):
+        IOIDataset(tiny_gpt2, n=2, templates=TEMPLATES[0])
     ds = IOIDataset(tiny_gpt2, n=2)
-    with pytest.raises(ValueError, match="unknown kind 'XYZ'"):
-        ds.corrupted("XYZ")
-    with pytest.raises(ValueError, match="already corrupted"):
+    with pytest.raises(DatasetError, match="already corrupted"):
         ds.corrupted("ABC").corrupted("flip")
+
+
+@pytest.mark.parametrize("kind", ["XYZ", "abc", ["ABC"], None])
+def test_unknown_corruption_names_the_method_and_the_choices(tiny_gpt2, kind):
+    ds = IOIDataset(tiny_gpt2, n=2)
+    with pytest.raises(DatasetError) as caught:
+        ds.corrupted(kind)
+    assert isinstance(caught.value, CircuitkitError)
+    message = str(caught.value)
+    assert message.startswith(f"IOIDataset.corrupted: unknown kind {kind!r}")
+    assert all(repr(name) in message for name in CORRUPTIONS)
+
+
+@pytest.mark.parametrize("index", ["IO", 1.5, [0.5], [True, False], torch.tensor([0.0])])
+def test_indexing_with_a_wrong_type_is_an_error(tiny_gpt2, index):
+    ds = IOIDataset(tiny_gpt2, n=4)
+    with pytest.raises(DatasetError, match=r"IOIDataset: .*index must"):
+        ds[index]
 
 
 def test_provenance_records_how_it_was_made(tiny_gpt2):

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from circuitkit.core import metrics
+import circuitkit as ck
+from circuitkit.core import engine, metrics
 from circuitkit.core.errors import MetricError, ShapeError
 from circuitkit.core.metrics import Metric, check_metric_output
 from circuitkit.data.ioi import IOIDataset
@@ -199,3 +200,97 @@ def test_select_examples_is_the_metric_on_those_rows(ds, logits, builder):
 
     assert torch.equal(metrics.select_examples(plain, rows, N)(logits[rows]), expected)
     assert metric(logits).std() > 0
+
+
+def test_a_metric_returning_one_number_fails_at_once_naming_the_method(tiny_gpt2, monkeypatch):
+    ds = IOIDataset(tiny_gpt2, n=4)
+    chunks = []
+    run_blocks = engine.run_blocks
+
+    def counted(*args, **kwargs):
+        chunks.append(1)
+        return run_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_blocks", counted)
+    with pytest.raises(MetricError) as caught:
+        ck.activation_patching(
+            tiny_gpt2,
+            ds,
+            ds.corrupted("ABC"),
+            "head",
+            metric=lambda logits: logits[:, -1, 0].mean(),
+            progress=False,
+        )
+    message = str(caught.value)
+    assert message.startswith("activation_patching")
+    assert "shape (4,)" in message and "one number for the whole batch" in message
+    assert chunks == []  # no patched run was computed
+
+
+# -- Metric positions: non-negative integer [n] tensors, checked when a Metric is made -------
+
+
+@pytest.mark.parametrize(
+    "positions, negative",
+    [
+        (torch.tensor([-1, -1, -1]), "[-1]"),
+        (torch.tensor([3, -1, 2]), "[-1]"),
+        (torch.tensor([-2, 0, -5], dtype=torch.int32), "[-5, -2]"),
+    ],
+)
+def test_metric_rejects_negative_positions(positions, negative):
+    with pytest.raises(MetricError) as caught:
+        Metric("last", positions, lambda at: at[..., 0])
+    assert str(caught.value) == (
+        f"Metric('last'): positions must be >= 0, got {negative}; give the index itself, such "
+        "as tokens.shape[1] - 1 for the last position"
+    )
+
+
+@pytest.mark.parametrize(
+    "positions, given",
+    [
+        (torch.tensor([1.0, 2.0]), "a torch.float32 tensor of shape (2,)"),
+        (torch.tensor([True, False]), "a torch.bool tensor of shape (2,)"),
+        (torch.tensor([[1, 2]]), "a torch.int64 tensor of shape (1, 2)"),
+        (torch.tensor(3), "a torch.int64 tensor of shape ()"),
+        ([1, 2], "list [1, 2]"),
+    ],
+)
+def test_metric_rejects_positions_that_are_not_an_integer_vector(positions, given):
+    with pytest.raises(MetricError) as caught:
+        Metric("m", positions, lambda at: at[..., 0])
+    assert str(caught.value) == (
+        f"Metric('m'): positions must be an integer [n] tensor, one position per example, "
+        f"got {given}"
+    )
+
+
+def test_metric_positions_from_the_end_agree_on_the_fast_and_full_paths(tiny_gpt2):
+    tokens = torch.randint(0, tiny_gpt2.cfg.d_vocab, (3, 6), generator=torch.Generator())
+    last = torch.full((3,), tokens.shape[1] - 1)
+    metric = Metric("first_logit", last, lambda at: at[..., 0])
+    run = [ck.Intervention(ck.Head(2, 1).at(5), ck.Scale(3.0))]
+    fast = ck.run_interventions(tiny_gpt2, tokens, [[], run], metric, progress=False)
+    full = ck.run_interventions(
+        tiny_gpt2, tokens, [[], run], lambda logits: logits[:, -1, 0], progress=False
+    )
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fast[0], fast[1])  # the patch at the last position is read
+
+
+def test_the_built_in_metrics_read_non_negative_positions(tiny_gpt2):
+    ds = IOIDataset(tiny_gpt2, n=4)
+    clean_logits = tiny_gpt2(ds.tokens)
+    for metric in (
+        metrics.logit_diff(ds),
+        metrics.logprob(ds, "S"),
+        metrics.prob(ds, position="S2"),
+        metrics.accuracy(ds, against="S"),
+        metrics.kl_div(clean_logits, ds),
+        metrics.normalized(metrics.logit_diff(ds), 1.0, 0.0),
+        metrics.select_examples(metrics.logit_diff(ds), torch.tensor([2, 0]), 4),
+    ):
+        assert metric.positions.dtype == torch.long and int(metric.positions.min()) >= 0
+    with pytest.raises(MetricError, match="positions must be >= 0"):
+        metrics.logit_diff(ds, position=torch.full((4,), -1))

@@ -74,7 +74,7 @@ from circuitkit.core.interventions import (
     apply_value,
     value_tensor,
 )
-from circuitkit.core.metrics import Metric, check_metric_output, check_metric_shape
+from circuitkit.core.metrics import Metric, check_metric_output
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +103,7 @@ def run_interventions(
     max_runs_per_chunk: int | None = None,
     progress: bool = True,
     desc: str = "interventions",
+    where: str | None = None,
 ) -> Float[Tensor, "n_runs n"]:
     """The metric of the base input ``tokens`` under each run of interventions.
 
@@ -113,6 +114,11 @@ def run_interventions(
     ``max_runs_per_chunk`` caps the runs per forward pass. ``reference=True`` runs the slow,
     plainly written path: one ``run_with_hooks`` forward per run.
 
+    The metric is first evaluated on the unpatched base run, so a metric of the wrong shape
+    fails before any patched run. ``where`` names the function the user called in error
+    messages (a method passes its own name); it defaults to ``desc`` when that is given, else
+    "run_interventions". ``desc`` labels the progress bar.
+
     Returns the per-example metric, shape ``[len(runs), n]``, on the CPU.
 
     Example::
@@ -121,20 +127,37 @@ def run_interventions(
         values = run_interventions(model, corrupted_tokens,
                                    [Intervention(Head(23, 2), Patch(z23))], metric)
     """
-    where = "run_interventions"
+    if where is None:
+        where = desc if desc != "interventions" else "run_interventions"
     runs_list = _check_runs(model, runs, where)
     tokens = _check_tokens(model, tokens, where)
     n = tokens.shape[0]
-    _check_metric_object(metric, n)
+    _check_metric_object(metric, n, where)
     if not runs_list:
         return torch.zeros(0, n)
 
     with torch.no_grad():
-        compiled = _compile(model, tokens, runs_list, positions)
         if reference:
-            return _run_reference(model, tokens, compiled, metric, progress, desc)
+            # the metric's shape, checked on the plain model before one forward per run
+            check_metric_values(metric(model(tokens).float()), n, where)
+            compiled = _compile(model, tokens, runs_list, positions, where)
+            return _run_reference(model, tokens, compiled, metric, progress, desc, where)
+        # the base run is needed anyway; the metric on it fails before any chunk is computed
+        base = base_run(model, tokens)
+        final = base.resid[model.cfg.n_layers]
+        read_metric(model, final, metric, 1, n, 0, base, where=where)
+        compiled = _compile(model, tokens, runs_list, positions, where)
         return _run_fast(
-            model, tokens, compiled, metric, memory_budget, max_runs_per_chunk, progress, desc
+            model,
+            tokens,
+            compiled,
+            metric,
+            memory_budget,
+            max_runs_per_chunk,
+            progress,
+            desc,
+            base=base,
+            where=where,
         )
 
 
@@ -198,7 +221,7 @@ def record_activations(
                 for name in layers
             }
         else:
-            compiled = _compile(model, tokens, runs_list, positions)
+            compiled = _compile(model, tokens, runs_list, positions, where)
             if reference:
                 acts = _record_reference(model, tokens, compiled, layers, progress, desc)
                 acts = _base_after_last(model, tokens, acts, layers, last)
@@ -286,15 +309,40 @@ def _check_tokens(model: HookedTransformer, tokens: Tensor, where: str) -> Tenso
     return tokens.to(model.cfg.device).long()
 
 
-def _check_metric_object(metric: MetricLike, n: int) -> None:
+def _check_metric_object(metric: MetricLike, n: int, where: str) -> None:
     if isinstance(metric, Metric):
         if metric.n != n:
             raise ShapeError(
-                f"run_interventions: the metric {metric.name!r} was made for {metric.n} examples "
+                f"{where}: the metric {metric.name!r} was made for {metric.n} examples "
                 f"but the base input has {n}"
             )
     elif not callable(metric):
-        raise CircuitkitError(f"run_interventions: metric must be callable, got {metric!r}")
+        raise CircuitkitError(
+            f"{where}: metric must be a callable from logits [n, pos, d_vocab] to [n] values, "
+            f"got {metric!r}"
+        )
+
+
+def check_metric_values(values: Tensor, n: int, where: str) -> Tensor:
+    """``values`` if it is an [n] tensor (one value per example), else a ``MetricError`` that
+    says what the metric returned; it does not read the values, so on a GPU it does not wait.
+
+    Example::
+
+        check_metric_values(metric(logits), n, "activation_patching")
+    """
+    if isinstance(values, Tensor) and values.shape == (n,):
+        return values
+    if isinstance(values, Tensor):
+        got = f"a tensor of shape {tuple(values.shape)}"
+        if values.ndim == 0:
+            got += " (one number for the whole batch: leave out the mean or sum over examples)"
+    else:
+        got = type(values).__name__
+    raise MetricError(
+        f"{where}: the metric must return one value per example, shape ({n},), but it returned "
+        f"{got}"
+    )
 
 
 def _compile(
@@ -302,6 +350,7 @@ def _compile(
     tokens: Tensor,
     runs: list[tuple[Intervention, ...]],
     positions: Mapping[str, Tensor] | None,
+    where: str,
 ) -> list[list[_Compiled]]:
     """Resolve every intervention to (hook, mask, value) and check shapes and overlaps.
 
@@ -326,7 +375,8 @@ def _compile(
                 cpu_masks[key] = (mask, first, last)
             _check_value(intervention, shapes[hook])
             items.append((hook, key, intervention))
-        _check_no_overlap(run, [cpu_masks[key][0] for _, key, _ in items], [h for h, _, _ in items])
+        masks_of_run = [cpu_masks[key][0] for _, key, _ in items]
+        _check_no_overlap(run, masks_of_run, [h for h, _, _ in items], where)
         resolved.append(items)
 
     masks = _to_device({key: mask for key, (mask, _, _) in cpu_masks.items()}, tokens.device)
@@ -468,7 +518,7 @@ def _check_value(intervention: Intervention, act_shape: torch.Size) -> None:
 
 
 def _check_no_overlap(
-    run: tuple[Intervention, ...], run_masks: list[Tensor], hooks: list[str]
+    run: tuple[Intervention, ...], run_masks: list[Tensor], hooks: list[str], where: str
 ) -> None:
     by_hook: dict[str, list[int]] = {}
     for index, hook in enumerate(hooks):
@@ -482,7 +532,7 @@ def _check_no_overlap(
         if int(total.max()) > 1:  # type: ignore[union-attr]
             names = ", ".join(repr(run[i].component) for i in indices)
             raise ComponentError(
-                f"run_interventions: interventions in one run select the same activation entries "
+                f"{where}: interventions in one run select the same activation entries "
                 f"({names}); give each entry at most one value per run"
             )
 
@@ -494,6 +544,7 @@ def _run_reference(
     metric: MetricLike,
     progress: bool,
     desc: str,
+    where: str = "run_interventions",
 ) -> Tensor:
     n = tokens.shape[0]
     out = []
@@ -501,7 +552,8 @@ def _run_reference(
         fwd_hooks = [(item.hook, _reference_hook(item)) for item in items]
         logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
         values = metric(logits.float())  # the metric in float32 whatever the model's dtype
-        out.append(check_metric_output(values, n, "run_interventions").float().cpu())
+        check_metric_values(values, n, where)
+        out.append(check_metric_output(values, n, where).float().cpu())
     return torch.stack(out)
 
 
@@ -545,10 +597,13 @@ def _run_fast(
     max_runs_per_chunk: int | None,
     progress: bool,
     desc: str,
+    *,
+    base: BaseRun | None = None,
+    where: str = "run_interventions",
 ) -> Tensor:
     n, n_pos = tokens.shape
     device = tokens.device
-    base = base_run(model, tokens)
+    base = base_run(model, tokens) if base is None else base
     starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
     full_logits = not isinstance(metric, Metric)
     if isinstance(metric, Metric):  # read positions on the device once, not once per chunk
@@ -592,12 +647,12 @@ def _run_fast(
                     read=read,
                 )
                 values = read_metric(
-                    model, residual, metric, c, n, pos, base, at_read=not full_logits
+                    model, residual, metric, c, n, pos, base, at_read=not full_logits, where=where
                 )
             results[order[done : done + c]] = values.float()
             done += c
             bar.update(c)
-    return _check_finite(results.cpu())
+    return _check_finite(results.cpu(), where)
 
 
 @contextmanager
@@ -620,14 +675,13 @@ def _attention_kernels(model: HookedTransformer, n_pos: int) -> Iterator[None]:
         yield
 
 
-def _check_finite(results: Float[Tensor, "n_runs n"]) -> Tensor:
+def _check_finite(results: Float[Tensor, "n_runs n"], where: str) -> Tensor:
     """``results``, after checking at once what each chunk's metric returned."""
     finite = torch.isfinite(results).all(dim=1)
     if not finite.all():
         run = int((~finite).nonzero()[0])
         raise MetricError(
-            f"run_interventions: the metric returned NaN or infinite values: {results[run]} "
-            f"(run {run})"
+            f"{where}: the metric returned NaN or infinite values: {results[run]} (run {run})"
         )
     return results
 
@@ -961,10 +1015,12 @@ def read_metric(
     base: BaseRun,
     *,
     at_read: bool = False,
+    where: str = "run_interventions",
 ) -> Tensor:
     """The metric [c, n] of a chunk from its final residual stream [c * n, pos..., d_model],
     which holds the positions from ``pos`` on; earlier ones are the base run's. With
-    ``at_read`` (a ``Metric`` only) the residual stream holds the read positions alone."""
+    ``at_read`` (a ``Metric`` only) the residual stream holds the read positions alone.
+    ``where`` names the calling function in the error a metric of the wrong shape raises."""
     final = base.resid[model.cfg.n_layers]
     if isinstance(metric, Metric):
         read = metric.positions.to(residual.device).repeat(c)
@@ -976,13 +1032,17 @@ def read_metric(
         logits = unembed_residual(model, read_resid[:, None, :], base)[:, 0]
         # the metric in float32 whatever the model's dtype; its values are checked at the end
         values = metric.at(logits.view(c, n, -1).float())
-        check_metric_shape(values.reshape(-1), c * n, "run_interventions")
+        if not isinstance(values, Tensor) or values.numel() != c * n:
+            if c == 1 or not isinstance(values, Tensor) or values.ndim == 0:
+                check_metric_values(values, n, where)  # raises, saying what the metric returned
+            raise MetricError(
+                f"{where}: the metric {metric.name!r} must map logits [..., n, d_vocab] to "
+                f"[..., n]; on logits [{c}, {n}, d_vocab] it returned {tuple(values.shape)}"
+            )
         return values
     residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
     logits = unembed_residual(model, residual).view(c, n, *residual.shape[1:2], -1)
-    return torch.stack(
-        [check_metric_shape(metric(logits[k].float()), n, "run_interventions") for k in range(c)]
-    )
+    return torch.stack([check_metric_values(metric(logits[k].float()), n, where) for k in range(c)])
 
 
 def unembed_residual(

@@ -74,6 +74,16 @@ class ResultFileError(CircuitkitError):
     """
 
 
+class DatasetError(CircuitkitError):
+    """A dataset cannot be built or changed as asked (a bad template, too few names, an unknown
+    corruption).
+
+    Example::
+
+        ck.IOIDataset(model, n=10).corrupted("XYZ")    # choose one of ['ABC', 'flip', ...]
+    """
+
+
 class TokenizationWarning(UserWarning):
     """A word given as text is probably not the token that was meant.
 

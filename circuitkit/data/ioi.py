@@ -15,8 +15,9 @@ every intervention to hit the same word in both runs, so the dataset is built to
 position-aligned:
 
 - every name, place and object is a single token with a leading space in the model's
-  tokenizer (words that are not are dropped), so a template has one token layout and all
-  its examples have the same length and the same positions;
+  tokenizer (the built-in word lists leave out those that are not; a word you give that is
+  not is an error), so a template has one token layout and all its examples have the same
+  length and the same positions;
 - a corruption changes only name tokens, one for one, so ``ds.corrupted(kind)`` has the same
   ``tokens`` shape, the same ``positions`` and the same templates as ``ds``.
 
@@ -28,8 +29,9 @@ which the IO name is predicted.
 
 from __future__ import annotations
 
+import operator
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +39,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from circuitkit.core.errors import TokenizationError
+from circuitkit.core.errors import DatasetError, TokenizationError
 
 # Templates are written in ABBA order; the BABA prompt swaps the two names of "{IO} and {S1}".
 # Every name slot follows a space, so each name is read as " Name", one token.
@@ -137,8 +139,11 @@ class IOIDataset:
     ``random.Random`` seeded by ``(seed, i)``, never from the global RNG: the dataset is the
     same for the same seed, and ``IOIDataset(model, n=10)`` is ``IOIDataset(model, n=100)[:10]``.
 
-    Names, places and objects that are not one token with a leading space in the model's
-    tokenizer are dropped; fewer than ``MIN_NAMES`` names left raises ``TokenizationError``.
+    Every name, place and object must be one token with a leading space in the model's
+    tokenizer: the built-in lists (``NAMES``, ``PLACES``, ``OBJECTS``) leave out the words that
+    are not, while a word given in ``names``, ``places`` or ``objects`` that is several tokens
+    raises ``TokenizationError`` naming it and its tokens. Fewer than ``MIN_NAMES`` names
+    raises too.
     Tokens follow ``model.to_tokens``: BOS is prepended when ``model.cfg.default_prepend_bos``
     (or ``prepend_bos``) says so, and the tokens are checked against ``model.to_tokens`` of
     every prompt. Examples are padded on the right with the tokenizer's pad token.
@@ -169,7 +174,7 @@ class IOIDataset:
             prompt (for a clean dataset IO, S and S; a corruption changes these).
         places, objects: the place and object of each example.
         ids: [n] index of each example in the dataset it was generated as (kept by slicing).
-        names: the name pool after dropping multi-token names.
+        names: the name pool (the built-in names that are one token, or the names given).
         corruption: None for clean prompts, else the ``corrupted`` kind.
         seed, model_name, prepend_bos, pad_token_id, name_tokens: provenance.
 
@@ -195,37 +200,69 @@ class IOIDataset:
         prepend_bos: bool | None = None,
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"IOIDataset: n must be a positive integer, got {n!r}")
+            raise DatasetError(f"IOIDataset: n must be a positive integer, got {n!r}")
         if getattr(model, "tokenizer", None) is None:
             raise TokenizationError(
                 "IOIDataset: the model has no tokenizer; build it with one "
                 "(HookedTransformer(cfg, tokenizer=...) or model.set_tokenizer(...))"
             )
-        template_strings = tuple(TEMPLATES if templates is None else templates)
+        template_strings = tuple(
+            _strings(TEMPLATES if templates is None else templates, "templates")
+        )
         if not template_strings:
-            raise ValueError("IOIDataset: templates is empty; give at least one template")
+            raise DatasetError("IOIDataset: templates is empty; give at least one template")
         for template in template_strings:
             _check_template(template)
         bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
 
-        def single_tokens(words: Sequence[str] | None, default: Sequence[str]) -> dict[str, int]:
+        def single_tokens(
+            words: Sequence[str] | None, default: Sequence[str], name: str
+        ) -> dict[str, int]:
+            # The built-in lists are fitted to the tokenizer: words that are several tokens in
+            # it are left out. A word the user gave is never left out silently.
+            given = words is not None
             kept: dict[str, int] = {}
-            for word in default if words is None else words:
+            split: dict[str, list[str]] = {}
+            for word in _strings(words, name) if given else default:
                 ids = _encode(model, " " + word, prepend_bos=False)
-                if len(ids) == 1 and word not in kept:
-                    kept[word] = ids[0]
+                if len(ids) == 1:
+                    kept.setdefault(word, ids[0])
+                elif given:
+                    split[word] = model.to_str_tokens(torch.tensor(ids))
+            if split:
+                listed = "; ".join(
+                    f"{word!r} is {len(pieces)} tokens {pieces}" for word, pieces in split.items()
+                )
+                spaced = [word for word in split if word[:1].isspace()]
+                hint = (
+                    f" (give them without the leading space, which is added: {spaced})"
+                    if spaced
+                    else ""
+                )
+                raise TokenizationError(
+                    f"IOIDataset: every word in {name} must be one token with a leading space "
+                    f"in this tokenizer, but {listed}{hint}; leave them out or choose others"
+                )
             return kept
 
-        name_tokens = single_tokens(names, NAMES)
+        name_tokens = single_tokens(names, NAMES, "names")
         if len(name_tokens) < MIN_NAMES:
-            given = list(NAMES if names is None else names)
-            raise TokenizationError(
-                f"IOIDataset: only {len(name_tokens)} of the {len(given)} names are one token "
-                f"with a leading space in this tokenizer ({sorted(name_tokens)}); at least "
-                f"{MIN_NAMES} are needed (two per prompt and three more for the ABC corruption)"
+            needed = (
+                f"at least {MIN_NAMES} are needed (two per prompt and three more for the ABC "
+                "corruption)"
             )
-        place_tokens = single_tokens(places, PLACES)
-        object_tokens = single_tokens(objects, OBJECTS)
+            if names is None:
+                raise TokenizationError(
+                    f"IOIDataset: only {len(name_tokens)} of the {len(NAMES)} built-in names are "
+                    f"one token with a leading space in this tokenizer ({sorted(name_tokens)}); "
+                    f"{needed}; give names= that are"
+                )
+            raise DatasetError(
+                f"IOIDataset: names has {len(name_tokens)} different names "
+                f"({sorted(name_tokens)}); {needed}"
+            )
+        place_tokens = single_tokens(places, PLACES, "places")
+        object_tokens = single_tokens(objects, OBJECTS, "objects")
         for slot, pool in (("PLACE", place_tokens), ("OBJECT", object_tokens)):
             if not pool and any("{" + slot + "}" in t for t in template_strings):
                 raise TokenizationError(
@@ -347,6 +384,15 @@ class IOIDataset:
     def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> IOIExample | IOIDataset:
         """``ds[i]`` is an ``IOIExample``; ``ds[2:10]``, ``ds[[0, 5]]`` and ``ds[mask]`` are
         ``IOIDataset`` views with every per-example field selected the same way."""
+        if isinstance(index, Tensor) and index.is_floating_point():
+            raise DatasetError(
+                f"IOIDataset: a tensor index must hold integers or booleans, got {index.dtype}"
+            )
+        if isinstance(index, bool) or isinstance(index, (str, bytes, float)):
+            raise DatasetError(
+                f"IOIDataset: index must be an int, a slice, a list of ints or a boolean mask, "
+                f"got {index!r}"
+            )
         if isinstance(index, int) or (isinstance(index, Tensor) and index.ndim == 0):
             i = int(index)
             if not -self.n <= i < self.n:
@@ -373,7 +419,12 @@ class IOIDataset:
                     f"got {tuple(index.shape)}"
                 )
             return self._subset(torch.nonzero(index).flatten().tolist())
-        picked = [int(i) for i in index]
+        picked = _indices(index)
+        if picked is None:
+            raise DatasetError(
+                f"IOIDataset: index must be an int, a slice, a list of ints or a boolean mask, "
+                f"got {index!r}"
+            )
         if any(not -self.n <= i < self.n for i in picked):
             raise IndexError(f"IOIDataset: an index in {picked} is out of range for {self.n}")
         return self._subset([i % self.n for i in picked])
@@ -416,12 +467,12 @@ class IOIDataset:
             >>> abc.prompts[0]
             'When Lisa and Paul got to the park, Tom handed a ball to'
         """
-        if kind not in CORRUPTIONS:
-            raise ValueError(
+        if not isinstance(kind, str) or kind not in CORRUPTIONS:
+            raise DatasetError(
                 f"IOIDataset.corrupted: unknown kind {kind!r}; choose one of {list(CORRUPTIONS)}"
             )
         if self.corruption is not None:
-            raise ValueError(
+            raise DatasetError(
                 f"IOIDataset.corrupted: this dataset is already corrupted ({self.corruption!r}); "
                 "corrupt the clean dataset instead"
             )
@@ -493,28 +544,57 @@ class _Layout:
 def _check_template(template: str) -> None:
     for slot in _NAME_SLOTS:
         if template.count("{" + slot + "}") != 1:
-            raise ValueError(
+            raise DatasetError(
                 f"IOIDataset: template {template!r} must contain {{{slot}}} exactly once"
             )
     if "{IO} and {S1}" not in template or template.index("{S2}") < template.index("{S1}"):
-        raise ValueError(
+        raise DatasetError(
             f"IOIDataset: template {template!r} must introduce the names as "
             "'{IO} and {S1}' and mention {S2} after them"
         )
     for slot in SLOTS:
         start = template.find("{" + slot + "}")
         if start != -1 and (start == 0 or template[start - 1] != " "):
-            raise ValueError(
+            raise DatasetError(
                 f"IOIDataset: template {template!r} needs a space before {{{slot}}}, so the "
                 "word is read as one token with a leading space"
             )
     try:
         template.format(**{slot: "x" for slot in SLOTS})
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(
+        raise DatasetError(
             f"IOIDataset: template {template!r} has an unknown slot or a stray brace ({error}); "
             f"the slots are {['{' + s + '}' for s in SLOTS]}"
         ) from None
+
+
+def _indices(index: Any) -> list[int] | None:
+    """``index`` (a list, tuple, range or integer tensor) as a list of ints; None if it is not
+    a collection of integers."""
+    if not isinstance(index, Iterable):
+        return None
+    items = list(index)
+    if any(isinstance(i, bool) for i in items):
+        return None
+    try:
+        return [operator.index(i) for i in items]
+    except TypeError:
+        return None
+
+
+def _strings(words: Any, name: str) -> list[str]:
+    """``words`` as a list of non-empty strings, or a ``DatasetError`` naming ``name``."""
+    if isinstance(words, str) or not isinstance(words, Iterable):
+        raise DatasetError(
+            f"IOIDataset: {name} must be a list of strings such as ['Mary', 'John'], got {words!r}"
+        )
+    words = list(words)
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise DatasetError(
+                f"IOIDataset: {name} must hold non-empty strings, got {word!r} in {words!r}"
+            )
+    return words
 
 
 def _fill(template: str, order: str, words: dict[str, str]) -> str:

@@ -153,7 +153,9 @@ def causal_effects(
     after_space = ends_in_space(model, base_tokens) or ends_in_space(model, source_tokens)
     target_ids = checked_targets(model, target, n, "target", where, after_space=after_space)
     metric = _effect_metric(model, measure, target_ids, foil, n, n_pos, where, after_space)
-    engine_kwargs = dict(reference=reference, memory_budget=memory_budget, progress=progress)
+    engine_kwargs = dict(
+        reference=reference, memory_budget=memory_budget, progress=progress, where=where
+    )
 
     n_layers = model.cfg.n_layers
     pos_items: list[int | None] = list(range(n_pos)) if per_position else [None]

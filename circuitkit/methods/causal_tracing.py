@@ -295,7 +295,9 @@ def causal_trace(
     repeated = tokens.repeat(samples, 1)
     metric = prob_metric(torch.tensor(target_token), torch.full((samples,), n_pos - 1))
     noise_run = Intervention(Embed(pos=subject_pos), Add(delta))
-    engine_kwargs = dict(reference=reference, memory_budget=memory_budget, progress=progress)
+    engine_kwargs = dict(
+        reference=reference, memory_budget=memory_budget, progress=progress, where=where
+    )
 
     windows = {layer: window_layers(layer, window, model.cfg.n_layers) for layer in layer_list}
     starts = sorted({w.start for w in windows.values()})

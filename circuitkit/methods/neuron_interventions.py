@@ -42,9 +42,10 @@ def trace_token_probability(
     One plain forward pass; the value at position ``i`` is ``softmax(logits[:, i])[target_idx]``,
     the probability that the token after position ``i`` is the target. ``target_idx`` is a token
     id (or a one-token string such as ``" Paris"``, or one id per sequence; a word without its
-    leading space after text that does not end in one gets a ``TokenizationWarning``). ``position=None``
-    returns every position ``[batch, pos]``; ``"last"`` or an int returns that position only,
-    ``[batch]``. A string or a 1-D tensor is one sequence and its result has no batch axis.
+    leading space after text that does not end in one gets a ``TokenizationWarning``).
+    ``position=None`` returns every position ``[batch, pos]``; ``"last"`` or an int returns that
+    position only, ``[batch]``. A string or a 1-D tensor is one sequence and its result has no
+    batch axis.
 
     Example::
 

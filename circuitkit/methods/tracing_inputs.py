@@ -92,7 +92,9 @@ def single_token(
     if model.tokenizer is None:
         raise TokenizationError(f"{where}: this model has no tokenizer; give {name} as a token id")
     if not token:
-        raise TokenizationError(f"{where}: {name} is an empty string; give one token such as ' Paris'")
+        raise TokenizationError(
+            f"{where}: {name} is an empty string; give one token such as ' Paris'"
+        )
     ids = model.to_tokens(token, prepend_bos=False)[0]
     # only words and numbers: punctuation such as "." follows a word without a space
     spaced = " " + token
