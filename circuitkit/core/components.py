@@ -14,11 +14,17 @@ components; this module is the only place that knows TransformerLens hook names.
     Head(l, h).pattern      attention pattern       blocks.l.attn.hook_pattern [batch, head, q, k]
     Neuron(l, i)            one MLP neuron          blocks.l.mlp.hook_post [batch, pos, d_mlp]
 
+Indices: layers, heads and neurons are ints >= 0, checked when a component is made; whether
+they exist (layer 40 of a 30-layer model, an MLP of an attention-only model) is checked against
+the model by ``validate``, ``hook_name`` and the selection masks.
+
 Positions: every component takes ``pos``: ``None`` or ``"all"`` (every position), an int, a
 slice, a tuple of ints, or a word of a dataset such as ``"S2"`` or ``"end"``, which is resolved
 per example from the dataset's ``positions``: an [n] tensor of one position per example, or an
 [n, pos] bool tensor that selects any positions per example. For ``pattern`` the position is
-the query position.
+the query position. Ints and slices index the prompt as Python does (-1 is the last token); an
+int or a slice bound outside the prompt, a slice that selects nothing, or an empty tuple is an
+error, not an empty selection.
 ``Head(9, 9).at("end")`` returns the same head restricted to a position.
 
 Grouped-query attention: in a model whose query heads share key/value heads (SmolLM2 shares
@@ -32,6 +38,7 @@ group. ``Head(l, h).q``, ``.pattern`` and ``Head(l, h)`` itself are per query he
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -45,16 +52,33 @@ from circuitkit.core.errors import ComponentError
 PosSpec = Union[None, int, slice, tuple, str]  # noqa: UP007 (a runtime alias on 3.10)
 
 
-def _check_pos(pos: PosSpec) -> PosSpec:
-    if isinstance(pos, list):
+def _is_int(value: object) -> bool:
+    """An int (or a NumPy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_pos(where: str, pos: PosSpec) -> PosSpec:
+    """``pos`` as a component keeps it (a list or range becomes a tuple of ints)."""
+    if isinstance(pos, (list, range)):
         pos = tuple(pos)
-    if pos is None or isinstance(pos, (int, slice, str)):
+    if pos is None or isinstance(pos, str):
         return pos
-    if isinstance(pos, tuple) and all(isinstance(p, int) for p in pos):
-        return pos
+    if _is_int(pos):
+        return int(pos)  # type: ignore[arg-type]
+    if isinstance(pos, slice):
+        parts = (pos.start, pos.stop, pos.step)
+        if all(part is None or _is_int(part) for part in parts) and pos.step != 0:
+            return slice(*(None if part is None else int(part) for part in parts))
+    elif isinstance(pos, tuple) and all(_is_int(p) for p in pos):
+        if not pos:
+            raise ComponentError(
+                f"{where}: pos is an empty list of positions; give at least one position, or "
+                "None for every position"
+            )
+        return tuple(int(p) for p in pos)
     raise ComponentError(
-        f"positions must be None, 'all', an int, a slice, a tuple of ints or a dataset word such "
-        f"as 'end', got {pos!r}"
+        f"{where}: pos must be None, 'all', an int, a slice of ints (step not 0), a tuple of "
+        f"ints or a dataset word such as 'end', got {pos!r}"
     )
 
 
@@ -69,8 +93,44 @@ class Component:
         ck.MLP(0).hook_name(model)         # 'blocks.0.hook_mlp_out'
     """
 
+    def __post_init__(self) -> None:
+        # indices are checked here, where the mistake is made; the model's range in validate
+        names = [f.name for f in dataclasses.fields(self)]
+        indices = [name for name in ("layer", "head", "neuron") if name in names]
+        call = f"{type(self).__name__}({', '.join(repr(getattr(self, i)) for i in indices)})"
+        for name in indices:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ComponentError(
+                    f"{call}: {name} must be an int >= 0, got {value!r} ({type(value).__name__})"
+                )
+            # a negative layer is reported with the model's layers, by validate and hook_name
+            if name != "layer" and value < 0:
+                raise ComponentError(
+                    f"{call}: {name} {value} is out of range; expected an int >= 0"
+                )
+            object.__setattr__(self, name, int(value))
+        if "pos" in names:
+            object.__setattr__(self, "pos", _check_pos(call, self.pos))  # type: ignore[attr-defined]
+
     def hook_name(self, model: HookedTransformer) -> str:
         raise NotImplementedError
+
+    def _block(self, model: HookedTransformer) -> str:
+        """``"blocks.{layer}"``, once the layer is checked against the model."""
+        n_layers = model.cfg.n_layers
+        if not 0 <= self.layer < n_layers:
+            raise ComponentError(
+                f"{self!r}: layer {self.layer} is out of range; this model has layers "
+                f"0..{n_layers - 1}"
+            )
+        return f"blocks.{self.layer}"
+
+    def _check_has_mlp(self, model: HookedTransformer) -> None:
+        if model.cfg.attn_only:
+            raise ComponentError(
+                f"{self!r}: this model ({model.cfg.model_name}) is attention-only and has no MLPs"
+            )
 
     # Every component has ``layer``: the block that contains its activation, -1 for the
     # embeddings (a field in the subclasses, a property in Embed and PosEmbed).
@@ -100,20 +160,13 @@ class Component:
 
     def at(self, pos: PosSpec) -> Component:
         """The same component restricted to positions ``pos``."""
-        return dataclasses.replace(self, pos=_check_pos(pos))
+        return dataclasses.replace(self, pos=pos)  # type: ignore[call-arg]
 
     def validate(self, model: HookedTransformer) -> None:
         """Raise a ComponentError if this address does not exist in ``model``."""
-        cfg = model.cfg
-        if self.layer != -1 and not 0 <= self.layer < cfg.n_layers:
-            raise ComponentError(
-                f"{self!r}: layer {self.layer} is out of range; this model has layers "
-                f"0..{cfg.n_layers - 1}"
-            )
-        name = self.hook_name(model)
+        name = self.hook_name(model)  # checks the layer
         if name not in model.hook_dict:
             raise ComponentError(f"{self!r}: this model has no activation {name!r}")
-        _check_pos(self.pos)  # type: ignore[attr-defined]
 
     def mask_ndim(self) -> int:
         """Number of leading activation dims (batch first) that a selection mask spans."""
@@ -187,11 +240,12 @@ class Resid(Component):
     pos: PosSpec = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.where not in ("pre", "mid", "post"):
             raise ComponentError(f"Resid: where must be 'pre', 'mid' or 'post', got {self.where!r}")
 
     def hook_name(self, model: HookedTransformer) -> str:
-        return f"blocks.{self.layer}.hook_resid_{self.where}"
+        return f"{self._block(model)}.hook_resid_{self.where}"
 
     @property
     def stays_at_its_positions(self) -> bool:
@@ -214,7 +268,7 @@ class Attn(Component):
     pos: PosSpec = None
 
     def hook_name(self, model: HookedTransformer) -> str:
-        return f"blocks.{self.layer}.hook_attn_out"
+        return f"{self._block(model)}.hook_attn_out"
 
     @property
     def stays_at_its_positions(self) -> bool:
@@ -237,7 +291,8 @@ class MLP(Component):
     pos: PosSpec = None
 
     def hook_name(self, model: HookedTransformer) -> str:
-        return f"blocks.{self.layer}.hook_mlp_out"
+        self._check_has_mlp(model)
+        return f"{self._block(model)}.hook_mlp_out"
 
     @property
     def stays_at_its_positions(self) -> bool:
@@ -263,7 +318,8 @@ class Neuron(Component):
     pos: PosSpec = None
 
     def hook_name(self, model: HookedTransformer) -> str:
-        return f"blocks.{self.layer}.mlp.hook_post"
+        self._check_has_mlp(model)
+        return f"{self._block(model)}.mlp.hook_post"
 
     @property
     def stays_at_its_positions(self) -> bool:
@@ -314,6 +370,7 @@ class Head(Component):
     pos: PosSpec = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.part not in ("z", "q", "k", "v", "pattern"):
             raise ComponentError(
                 f"Head: part must be one of 'z', 'q', 'k', 'v', 'pattern', got {self.part!r}"
@@ -340,7 +397,7 @@ class Head(Component):
         return dataclasses.replace(self, part="pattern")
 
     def hook_name(self, model: HookedTransformer) -> str:
-        return f"blocks.{self.layer}.attn.hook_{self.part}"
+        return f"{self._block(model)}.attn.hook_{self.part}"
 
     @property
     def stays_at_its_positions(self) -> bool:
@@ -466,7 +523,24 @@ def position_mask(
         mask[torch.arange(n, device=device), idx] = True
         return mask
     if isinstance(pos, slice):
-        mask[:, pos] = True
+        # bounds are checked as int positions are: a slice past the prompt is a mistake, not
+        # an empty selection
+        start_ok = pos.start is None or -n_pos <= pos.start < n_pos
+        stop_ok = pos.stop is None or -n_pos <= pos.stop <= n_pos
+        bounds = [pos.start, pos.stop] + ([] if pos.step is None else [pos.step])
+        text = ":".join("" if p is None else str(p) for p in bounds)
+        if not (start_ok and stop_ok):
+            raise ComponentError(
+                f"{component!r}: position slice {text} is outside the prompt, which "
+                f"has positions 0..{n_pos - 1}"
+            )
+        selected = list(range(n_pos)[pos])
+        if not selected:
+            raise ComponentError(
+                f"{component!r}: position slice {text} selects no position of the "
+                f"prompt, which has positions 0..{n_pos - 1}"
+            )
+        mask[:, selected] = True
         return mask
     indices = (pos,) if isinstance(pos, int) else pos
     for p in indices:
@@ -490,6 +564,7 @@ def selection_mask(
 
     True marks the entries the component selects (positions, and its head or neuron).
     """
+    component.validate(model)
     n = act_shape[0]
     pos_dim = component.pos_dim
     pos_mask = position_mask(component, n, act_shape[pos_dim], positions, device)

@@ -4,18 +4,59 @@ A value is another run's activation (``Patch``), zero (``Zero``), a given tensor
 (``SetTo``), a scaled copy (``Scale``) or added noise (``Add``). An ``Intervention`` pairs one
 with a ``Component``; a *run* is a sequence of interventions applied together in one forward
 pass. ``circuitkit.core.engine`` runs many of them at once.
+
+Values are checked when they are made: a NaN or infinite entry would spread through every
+later activation and show up, if at all, as a NaN metric far from its cause.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from circuitkit.core.components import Component
+from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.metrics import Metric
+
+# Tensors already found finite, with their version counter then. A sweep makes thousands of
+# values from one cached activation, and the engine rewraps them (cast, cut to positions);
+# reading a GPU tensor's check waits for the device, so each tensor is checked once. Views
+# (the engine's cuts) share their base's version counter, so an in-place change is seen.
+_FINITE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_finite(value: object, where: str, numbers_too: bool) -> Tensor:
+    """``value`` as a tensor, raising a CircuitkitError unless it is a finite tensor (or, with
+    ``numbers_too``, a finite number)."""
+    if numbers_too and _is_real(value):
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise CircuitkitError(f"{where} is {float(value)!r}; expected a finite number")  # type: ignore[arg-type]
+        return torch.tensor(float(value))  # type: ignore[arg-type]
+    if not isinstance(value, Tensor):
+        expected = "a tensor or a number" if numbers_too else "a tensor"
+        raise CircuitkitError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
+    for known in (value, value._base):
+        if known is not None and _FINITE.get(known) == known._version:
+            return value
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise CircuitkitError(
+            f"{where} contains NaN or infinite entries ({bad} of {value.numel()}, shape "
+            f"{tuple(value.shape)}); expected finite values"
+        )
+    _FINITE[value] = value._version
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +82,9 @@ class Patch(Value):
 
     source: Tensor = field(repr=False)
 
+    def __post_init__(self) -> None:
+        _check_finite(self.source, "Patch: source", numbers_too=False)
+
 
 @dataclass(frozen=True, eq=False)
 class Zero(Value):
@@ -54,7 +98,7 @@ class Zero(Value):
 
 @dataclass(frozen=True, eq=False)
 class SetTo(Value):
-    """A given tensor, broadcast to the activation's shape (a mean, a direction).
+    """A given tensor (or number), broadcast to the activation's shape (a mean, a direction).
 
     Example::
 
@@ -63,6 +107,9 @@ class SetTo(Value):
     """
 
     value: Tensor = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", _check_finite(self.value, "SetTo: value", True))
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,10 +123,22 @@ class Scale(Value):
 
     factor: float
 
+    def __post_init__(self) -> None:
+        if not _is_real(self.factor):
+            raise CircuitkitError(
+                f"Scale: factor must be a number, got {type(self.factor).__name__} {self.factor!r}"
+            )
+        if not math.isfinite(self.factor):
+            raise CircuitkitError(
+                f"Scale: factor is {float(self.factor)!r}; expected a finite number"
+            )
+        object.__setattr__(self, "factor", float(self.factor))
+
 
 @dataclass(frozen=True, eq=False)
 class Add(Value):
-    """The activation plus ``delta``, broadcast to its shape (noise, a steering vector).
+    """The activation plus ``delta``, a tensor (or number) broadcast to its shape (noise, a
+    steering vector).
 
     Example::
 
@@ -87,6 +146,9 @@ class Add(Value):
     """
 
     delta: Tensor = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delta", _check_finite(self.delta, "Add: delta", True))
 
 
 @dataclass(frozen=True)

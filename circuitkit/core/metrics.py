@@ -40,7 +40,8 @@ class Metric:
 
     Attributes:
         name: a short label used in results and plots ("logit_diff").
-        positions: [n] index of the position read in each example.
+        positions: [n] index (>= 0, counted from the start) of the position read in each
+            example.
         fn: ``logits_at [..., n, d_vocab] -> [..., n]``, the metric on the gathered logits.
 
     Reading one position per example lets the engine unembed that position alone.
@@ -56,6 +57,33 @@ class Metric:
     name: str
     positions: Int[Tensor, "n"]
     fn: Callable[[Tensor], Tensor]
+
+    def __post_init__(self) -> None:
+        positions = self.positions
+        where = f"Metric({self.name!r})"
+        if (
+            not isinstance(positions, Tensor)
+            or positions.ndim != 1
+            or positions.dtype == torch.bool
+            or positions.is_floating_point()
+            or positions.is_complex()
+        ):
+            given = (
+                f"a {positions.dtype} tensor of shape {tuple(positions.shape)}"
+                if isinstance(positions, Tensor)
+                else f"{type(positions).__name__} {positions!r}"
+            )
+            raise MetricError(
+                f"{where}: positions must be an integer [n] tensor, one position per example, "
+                f"got {given}"
+            )
+        # the engine reads positions as indices from the start; -1 would not be the last token
+        if positions.numel() and int(positions.min()) < 0:
+            negative = sorted(set(positions[positions < 0].tolist()))
+            raise MetricError(
+                f"{where}: positions must be >= 0, got {negative}; give the index itself, "
+                "such as tokens.shape[1] - 1 for the last position"
+            )
 
     @property
     def n(self) -> int:
