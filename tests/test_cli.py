@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from _browser import figures_rendered, render
@@ -126,13 +129,55 @@ def test_ioi_writes_its_page(monkeypatch, capsys, tmp_path):
     assert heads.provenance["method"] == "activation_patching"
 
 
-def test_quick_takes_fewer_prompts(monkeypatch, capsys):
+def test_quick_takes_fewer_prompts_and_searches_the_later_layers(monkeypatch, capsys):
+    tiny = ck.tiny_model("llama", n_layers=6).to(DEVICE)
+    monkeypatch.setattr(models, "load_model", lambda name, device=None: tiny)
+    found = []
+    search = ck.find_ioi_circuit
+
+    def recorded(*args, **kwargs):
+        found.append(kwargs["layers"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr("circuitkit.interface.ioi_report.find_ioi_circuit", recorded)
+    assert cli.main(["ioi", "--quick"]) == 0
+    captured = capsys.readouterr()
+    assert f"n={cli.QUICK_N}," in captured.out
+    assert f"found on the first {cli.QUICK_DISCOVER_N} of the {cli.QUICK_N} prompts" in captured.out
+    assert found == [range(6 // cli.QUICK_FIRST_LAYER, 6)]
+    assert "heads of layers 2-5" in captured.err
+
+
+def test_each_stage_says_what_it_expects_and_what_it_took(monkeypatch, capsys, tmp_path):
     tiny = ck.tiny_model("llama", n_layers=4).to(DEVICE)
     monkeypatch.setattr(models, "load_model", lambda name, device=None: tiny)
-    assert cli.main(["ioi", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert f"n={cli.QUICK_N}," in out
-    assert f"found on the first {cli.QUICK_DISCOVER_N} of the {cli.QUICK_N} prompts" in out
+    argv = ["ioi", "--quick", "--n", "6", "--discover-n", "4", "--out", str(tmp_path / "p.html")]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    starts = [line for line in err if line.startswith("[")]
+    # baseline, two patching sweeps, the circuit and its faithfulness: numbered, in order
+    assert [line.split("]")[0] for line in starts] == [f"[{i}/5" for i in range(1, 6)]
+    assert all("(about " in line for line in starts[1:])
+    assert sum(line.strip().startswith("done in ") for line in err) == 6  # and the load
+    assert err[-1].startswith("all done in ")
+
+
+def test_help_answers_without_loading_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from circuitkit.interface import cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['trace', '--help'])\n"
+        "assert 'torch' not in sys.modules and 'transformer_lens' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trace_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["trace", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: ' Paris')" in out and "(default: 10)" in out and "(default: 3.0)" in out
 
 
 @pytest.mark.real

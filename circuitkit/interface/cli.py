@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 from circuitkit.core.errors import CircuitkitError
@@ -32,6 +33,11 @@ DEFAULT_N, QUICK_N = 100, 16
 DISCOVER_N, QUICK_DISCOVER_N = 24, 8
 # Activation patching sweeps every head's output, query, key and value: on fewer prompts still.
 PATCH_N, QUICK_PATCH_N = 20, 4
+QUICK_SWEEPS = ("resid", "head")
+# With --quick the circuit's senders are the heads of the layers from n_layers // 3 on.
+QUICK_FIRST_LAYER = 3
+# What a model's first load costs, said before it starts (the conversion is cached).
+_FIRST_USE = {"smollm2-135m": " (its first use converts the GGUF file once: about 40 s)"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,27 +115,35 @@ def _parser() -> argparse.ArgumentParser:
     ioi.add_argument(
         "--quick",
         action="store_true",
-        help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N}, "
-        f"activation patching of the residual stream and heads' outputs on {QUICK_PATCH_N}",
+        help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N} among "
+        "the heads of the later two thirds of the layers, activation patching of the residual "
+        f"stream and heads' outputs on {QUICK_PATCH_N}",
     )
     ioi.set_defaults(run=_run_ioi)
 
     trace = commands.add_parser(
         "trace",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="trace where a model keeps a fact (ROME-style causal tracing) and write a page",
         description="Noise the subject's token embeddings, restore clean activations one "
         "layer (window) and token at a time, and write the heatmaps of the target's restored "
         "probability and the indirect effect by layer to an HTML page.",
     )
-    trace.add_argument("--model", default=DEFAULT_MODEL, help=f"model name ({DEFAULT_MODEL})")
+    trace.add_argument("--model", default=DEFAULT_MODEL, help="model name")
     trace.add_argument("--prompt", default=_EIFFEL[0], help="the prompt, without the answer")
     trace.add_argument("--subject", default=_EIFFEL[1], help="the subject, as in the prompt")
-    trace.add_argument("--target", default=_EIFFEL[2], help="the answer token, e.g. ' Paris'")
-    trace.add_argument("--samples", type=_positive_int, default=10, help="noise samples (10)")
-    trace.add_argument("--noise", type=float, default=3.0, help="noise, in embedding stds (3)")
-    trace.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    trace.add_argument("--device", default=None, help="torch device (the model's default)")
-    trace.add_argument("--out", default="trace.html", help="the page to write (trace.html)")
+    trace.add_argument(
+        "--target",
+        default=_EIFFEL[2],
+        help="the answer token, with its leading space (default: %(default)r)",
+    )
+    trace.add_argument("--samples", type=_positive_int, default=10, help="noise samples")
+    trace.add_argument("--noise", type=float, default=3.0, help="noise, in embedding stds")
+    trace.add_argument("--seed", type=int, default=0, help="noise seed")
+    trace.add_argument(
+        "--device", default=None, help="torch device (default: %(default)s, the model's own)"
+    )
+    trace.add_argument("--out", default="trace.html", help="the page to write")
     trace.add_argument("--quick", action="store_true", help="3 noise samples, for a first look")
     trace.set_defaults(run=_run_trace)
     return parser
@@ -172,24 +186,28 @@ def _run_ioi(args: argparse.Namespace) -> int:
     n = args.n or (QUICK_N if args.quick else DEFAULT_N)
     discover_n = args.discover_n or (QUICK_DISCOVER_N if args.quick else DISCOVER_N)
     patch_n = args.patch_n or (QUICK_PATCH_N if args.quick else PATCH_N)
-    _progress(f"loading {args.model} ...")
+    clock = time.perf_counter()
+    _progress(f"loading {args.model}{_FIRST_USE.get(args.model, '')} ...")
     model = load_model(args.model, device=args.device)
-    _progress(f"building {n} IOI prompts (seed {args.seed}) ...")
+    _progress(f"      done in {time.perf_counter() - clock:.0f} s")
     ds = IOIDataset(model, n=n, seed=args.seed)
-    _progress(f"running {args.model} on the clean and ABC prompts ...")
+    n_layers = model.cfg.n_layers
     study = ioi_study(
         model,
         ds,
         circuit=args.circuit,
         discover_n=discover_n,
+        # a first look searches the later layers, where the IOI heads of most models are
+        circuit_layers=range(n_layers // QUICK_FIRST_LAYER, n_layers) if args.quick else None,
         patching=args.out is not None,
         patch_n=patch_n,
         # a first look patches the residual stream and the heads' outputs; the whole study
         # also every head's query, key and value
-        sweeps=("resid", "head") if args.quick else ("resid", "head", "q", "k", "v"),
+        sweeps=QUICK_SWEEPS if args.quick else ("resid", "head", "q", "k", "v"),
         batch_size=args.batch_size,
         say=_progress,
     )
+    _progress(f"all done in {time.perf_counter() - clock:.0f} s")
 
     print(section_header(args.model, ds))
     print()
