@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import importlib.metadata
 import json
+import weakref
 from datetime import datetime
 
 import numpy as np
 import pytest
 import torch
+from _device import DEVICE
 
 import circuitkit as ck
 from circuitkit.core import provenance
@@ -64,6 +67,184 @@ def test_fingerprint_sees_every_weight_change(tiny_gpt2):
     snapshot = model_state(tiny_gpt2)
     provenance.fingerprint(tiny_gpt2)
     assert model_state(tiny_gpt2) == snapshot
+
+
+def count_full_hashes(monkeypatch) -> list[int]:
+    """A list that grows by one for each parameter ``fingerprint`` hashes in full."""
+    hashed: list[int] = []
+    digest = provenance.tensor_digest
+
+    def counting(tensor):
+        hashed.append(tensor.numel())
+        return digest(tensor)
+
+    monkeypatch.setattr(provenance, "tensor_digest", counting)
+    return hashed
+
+
+def test_fingerprint_is_kept_while_the_weights_are_unchanged(tiny_gpt2, monkeypatch):
+    hashed = count_full_hashes(monkeypatch)
+    n_params = len(list(tiny_gpt2.parameters()))
+    attributes = set(vars(tiny_gpt2))
+    before = provenance.fingerprint(tiny_gpt2)
+    assert len(hashed) == n_params
+
+    ds = ck.IOIDataset(tiny_gpt2, n=2, seed=0)
+    tiny_gpt2.run_with_cache(ds.tokens)
+    provenance.record(tiny_gpt2, method="x", data=ds)
+    assert provenance.fingerprint(tiny_gpt2) == before
+    assert len(hashed) == n_params  # no parameter hashed again
+    assert set(vars(tiny_gpt2)) == attributes  # nothing set on the model
+
+    with torch.no_grad():
+        tiny_gpt2.blocks[1].mlp.W_in.mul_(1)  # same values, a new version: hashed again
+    assert provenance.fingerprint(tiny_gpt2) == before
+    assert len(hashed) == 2 * n_params
+    assert provenance.fingerprint(tiny_gpt2) == before
+    assert len(hashed) == 2 * n_params
+
+
+def edit_through_data(model):
+    w_o = model.blocks[0].attn.W_O
+    version = w_o._version
+    w_o.data[0, 0, 0] += 1
+    assert w_o._version == version  # no version counter sees it
+
+
+def edit_in_place(model):
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.add_(1)
+
+
+def zero_a_head(model):
+    model.blocks[0].attn.W_O.data[2] = 0
+
+
+def negate_a_head(model):
+    model.blocks[1].attn.W_O.data[1] *= -1
+
+
+def swap(first, second):
+    """Swap two elements of block 0's W_O (4 x 16 x 64 float32: rows of 2048 in the checksum)."""
+
+    def edit(model):
+        flat = model.blocks[0].attn.W_O.data.view(-1)
+        assert flat[first] != flat[second]
+        flat[[first, second]] = flat[[second, first]].clone()
+
+    return edit
+
+
+def load_other_weights(model):
+    model.load_state_dict(ck.tiny_model("gpt2", seed=1).to(DEVICE).state_dict())
+
+
+def replace_a_parameter(model):
+    attn = model.blocks[0].attn
+    attn.W_O = torch.nn.Parameter(attn.W_O.detach() + 1)
+
+
+EDITS = {
+    "through .data": edit_through_data,
+    "in place": edit_in_place,
+    "zero a head through .data": zero_a_head,
+    "negate a head through .data": negate_a_head,
+    "swap within a 64-bit word": swap(4, 5),
+    "swap within a row": swap(5, 7),
+    "swap within a column": swap(5, 5 + 2048),
+    "swap across rows and columns": swap(5, 2048 + 100),
+    "load_state_dict": load_other_weights,
+    "float64": lambda model: model.to(torch.float64),
+    "float16": lambda model: model.to(torch.float16),
+    "replace a parameter": replace_a_parameter,
+}
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
+def test_fingerprint_sees_each_change(tiny_gpt2, edit):
+    state = copy.deepcopy(tiny_gpt2.state_dict())
+    before = provenance.fingerprint(tiny_gpt2)
+    assert provenance.fingerprint(tiny_gpt2) == before
+
+    edit(tiny_gpt2)
+    after = provenance.fingerprint(tiny_gpt2)
+    assert after != before
+    assert after == reference_fingerprint(tiny_gpt2)  # what a computation from scratch gives
+    assert after == provenance.fingerprint(copy.deepcopy(tiny_gpt2))  # a model never seen
+    assert provenance.fingerprint(tiny_gpt2) == after
+
+    tiny_gpt2.to(torch.float32)
+    tiny_gpt2.load_state_dict(state)
+    assert provenance.fingerprint(tiny_gpt2) == before
+
+
+def test_replacing_a_parameter_by_an_equal_one_keeps_the_fingerprint(tiny_gpt2, monkeypatch):
+    before = provenance.fingerprint(tiny_gpt2)
+    hashed = count_full_hashes(monkeypatch)
+    attn = tiny_gpt2.blocks[0].attn
+    attn.W_O = torch.nn.Parameter(attn.W_O.detach().clone())
+    assert provenance.fingerprint(tiny_gpt2) == before
+    assert hashed  # a new parameter object: hashed again, to the same digest
+
+
+def test_models_with_equal_weights_have_equal_fingerprints():
+    first, second = ck.tiny_model("gpt2"), ck.tiny_model("gpt2")
+    fingerprint = provenance.fingerprint(first)
+    assert provenance.fingerprint(second) == fingerprint == reference_fingerprint(first)
+    second.blocks[0].attn.W_O.data[0, 0, 0] += 1
+    assert provenance.fingerprint(second) == reference_fingerprint(second) != fingerprint
+    assert provenance.fingerprint(first) == fingerprint  # each model has its own entry
+
+
+def test_kept_fingerprint_does_not_keep_the_model_alive():
+    model = ck.tiny_model("gpt2")
+    provenance.fingerprint(model)
+    assert model in provenance._fingerprints
+    n_kept = len(provenance._fingerprints)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert len(provenance._fingerprints) == n_kept - 1
+
+
+def reference_checksum(tensor) -> bytes:
+    """The checksum written plainly: 64-bit words summed by row and by column in Python ints."""
+    data = tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    row_words = 1024
+    n_rows = len(data) // (8 * row_words)
+    if n_rows == 0:
+        return hashlib.sha256(data).digest()
+    words = [
+        int.from_bytes(data[at : at + 8], "little") for at in range(0, 8 * row_words * n_rows, 8)
+    ]
+    rows = [sum(words[row * row_words : (row + 1) * row_words]) % 2**64 for row in range(n_rows)]
+    columns = [sum(words[column::row_words]) % 2**64 for column in range(row_words)]
+    packed = b"".join(total.to_bytes(8, "little") for total in rows + columns)
+    return hashlib.sha256(packed + data[8 * row_words * n_rows :]).digest()
+
+
+def test_checksum_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    full_range = torch.randint(-(2**63), 2**63 - 1, (40 * 1024 + 3,), generator=g)  # sums wrap
+    floats = torch.randn(3 * 2048 + 5, generator=g)
+    tensors = [
+        torch.zeros(0),
+        torch.arange(3, dtype=torch.uint8),
+        torch.randn(2047, generator=g),  # 4 bytes short of one row: all tail
+        torch.randn(2048, generator=g),  # exactly one row
+        floats,
+        floats[1:],  # 4 bytes off 8-byte alignment
+        torch.randn(70, 130, generator=g).T,  # not contiguous
+        torch.randn(3 * 4096 + 7, generator=g).to(torch.bfloat16),
+        full_range,
+    ]
+    for tensor in tensors:
+        expected = reference_checksum(tensor)
+        assert provenance._checksums([tensor]) == (expected,)
+        assert provenance._checksums([tensor.to(DEVICE)]) == (expected,)
+    both = provenance._checksums([tensors[4].to(DEVICE), tensors[8]])
+    assert both == (reference_checksum(tensors[4]), reference_checksum(tensors[8]))
 
 
 def test_tensor_digest_is_the_sha256_of_the_bytes():

@@ -21,9 +21,10 @@ as its name; anything else as its type and repr.
 
 The weights' fingerprint (``fingerprint``) is a SHA-256 over every parameter's name, dtype,
 shape and bytes: all bytes, so any change to any weight changes it, including edits made
-through ``param.data`` that leave no trace in PyTorch's version counters. It is recomputed on
-every call rather than cached, so it can never go stale; the parameters are hashed in parallel
-threads (``hashlib`` releases the GIL), which keeps it fast.
+through ``param.data`` that leave no trace in PyTorch's version counters. Hashing every byte
+takes long (half a second for GPT-2 small, seconds for a 7B model), so the digest is kept for
+each model and given again while a cheap check, made on the weights' own device, finds every
+parameter as it was: ``fingerprint`` says exactly what is checked.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,7 +50,27 @@ from circuitkit.core.metrics import Metric
 from circuitkit.core.version import __version__
 
 _MAX_THREADS = 16
+_ROW_WORDS = 1024  # the checksum reads a parameter's bytes as rows of 1024 64-bit words (8 KiB)
+_BLOCK_ROWS = 32  # rows summed at a time on the CPU, so the column sums find them in cache
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fingerprinted:
+    """A model's fingerprint with what its parameters were when it was computed."""
+
+    keys: tuple[tuple[Any, ...], ...]
+    """Per parameter: name, id, data_ptr, dtype, shape, stride, device, version counter."""
+    checksums: tuple[bytes, ...]
+    """Per parameter: the SHA-256 of its row sums, column sums and tail (``_checksums``)."""
+    fingerprint: str
+
+
+# weak keys: an entry holds no reference to its model or its parameters, and goes with the model
+_fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, _Fingerprinted] = (
+    weakref.WeakKeyDictionary()
+)
+_fingerprints_lock = threading.Lock()  # record_alongside fingerprints from a background thread
 
 
 def record(
@@ -99,12 +123,13 @@ def record_alongside(
 ) -> tuple[T, dict[str, Any]]:
     """``(work(), record(model, **record_args))``, the record made while ``work`` runs.
 
-    The costly part of a record is the weight fingerprint: every weight is copied to the CPU
-    and hashed. For a model on a GPU it is computed in a background thread, its copies queued
-    on a side CUDA stream that waits for the work queued before this call (an in-place edit of
-    a weight, say) but not for ``work``'s, so the hashing overlaps ``work``'s GPU computation.
-    On the CPU the two run one after the other. If ``work`` raises, so does this, once the
-    record is done.
+    The costly part of a record is the weight fingerprint: the first time for a set of weights,
+    every weight is copied to the CPU and hashed (later, only checksums made on the GPU are
+    copied; see ``fingerprint``). For a model on a GPU it is computed in a background thread,
+    its checksums and copies queued on a side CUDA stream that waits for the work queued before
+    this call (an in-place edit of a weight, say) but not for ``work``'s, so the hashing overlaps
+    ``work``'s GPU computation. On the CPU the two run one after the other. If ``work`` raises,
+    so does this, once the record is done.
 
     Example::
 
@@ -137,15 +162,64 @@ def fingerprint(model: torch.nn.Module) -> str:
     another. Parameters are hashed in parallel threads; on a GPU each is copied to the CPU first,
     on the caller's current CUDA stream.
 
+    Hashing every byte is slow, so the fingerprint is kept for each model, in a mapping private
+    to this module with weak keys (nothing is set on the model, and the entry goes when the
+    model does), together with two things per parameter:
+
+    - a key: its name, ``id``, ``data_ptr()``, dtype, shape, strides, device and ``_version``
+      (the counter that in-place operations on the parameter increase);
+    - a checksum of its bytes, computed on the parameter's own device: the bytes are read as
+      rows of 1024 64-bit words (8 KiB); the sum of each row and of each column (modulo 2^64)
+      and the bytes after the last whole row are hashed with SHA-256. On the CPU each byte is
+      read from memory once, on a GPU twice; only the sums (about 1/1000 of the bytes) are
+      copied to the host.
+
+    Every call computes the keys and checksums again: if all of them equal the kept ones it
+    returns the kept fingerprint, otherwise it hashes every byte again and keeps the new
+    fingerprint, keys and checksums. The checksum is what sees edits through ``param.data``
+    (``model.blocks[0].attn.W_O.data[2] = 0``), which leave the parameter's ``_version`` as it
+    was (``.data`` has a counter of its own); the key sees a replaced parameter, ``model.to``,
+    ``load_state_dict`` and in-place operations on the parameters themselves.
+
+    A change is missed only if it goes around the parameter's version counter and leaves every
+    row sum, every column sum and the tail as they were. A change of one word, a swap of two
+    different values, or any change within one row or one column always changes a sum. To be
+    missed, differences must cancel in every row and every column at once, as when two values
+    swapped in one row are swapped back, in the sums, by the same two values swapped in another
+    row at the same columns. Random or trained floating-point weights essentially never line up
+    so; weights with many equal values (hand-built, quantized) can. Sums that do change are
+    missed only if SHA-256 collides, a chance of about 2^-256.
+
     Example::
 
-        before = ck.provenance.fingerprint(model)
-        saved = model.W_O.data[23, 2].clone()
-        model.W_O.data[23, 2] = 0
-        ck.provenance.fingerprint(model) != before      # True
-        model.W_O.data[23, 2] = saved
+        before = ck.provenance.fingerprint(model)           # hashes every byte
+        ck.provenance.fingerprint(model) == before          # True, from the checksums alone
+        saved = model.blocks[11].attn.W_O.data[2].clone()
+        model.blocks[11].attn.W_O.data[2] = 0               # head 11.2's output weights
+        ck.provenance.fingerprint(model) != before          # True
+        model.blocks[11].attn.W_O.data[2] = saved
+        ck.provenance.fingerprint(model) == before          # True
     """
     params = list(model.named_parameters())
+    keys = tuple(
+        (
+            name,
+            id(param),
+            param.data_ptr(),
+            param.dtype,
+            tuple(param.shape),
+            param.stride(),
+            param.device,
+            param._version,
+        )
+        for name, param in params
+    )
+    checksums = _checksums([param for _, param in params])
+    with _fingerprints_lock:
+        kept = _fingerprints.get(model)
+    if kept is not None and kept.keys == keys and kept.checksums == checksums:
+        return kept.fingerprint
+
     threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(params)))
     on_gpu = [param.device for _, param in params if param.is_cuda]
     # the current stream is per thread: the workers copy on the caller's
@@ -160,7 +234,57 @@ def fingerprint(model: torch.nn.Module) -> str:
     total = hashlib.sha256()
     for (name, param), digest in zip(params, digests, strict=True):
         total.update(f"{name}|{param.dtype}|{tuple(param.shape)}|{digest}\n".encode())
-    return "sha256:" + total.hexdigest()
+    value = "sha256:" + total.hexdigest()
+    with _fingerprints_lock:
+        _fingerprints[model] = _Fingerprinted(keys, checksums, value)
+    return value
+
+
+def _checksums(tensors: list[Tensor]) -> tuple[bytes, ...]:
+    """Per tensor, the SHA-256 of its row sums, column sums and tail, as ``fingerprint`` says."""
+    sums = [_row_and_column_sums(tensor) for tensor in tensors]
+    on_device: dict[torch.device, list[int]] = {}
+    for index, part in enumerate(sums):
+        if part.device.type != "cpu":
+            on_device.setdefault(part.device, []).append(index)
+    for indices in on_device.values():
+        # one copy to the host per device, not one per parameter
+        host = torch.cat([sums[index] for index in indices]).cpu()
+        pieces = host.split([sums[index].numel() for index in indices])
+        for index, piece in zip(indices, pieces, strict=True):
+            sums[index] = piece
+    return tuple(hashlib.sha256(memoryview(part.numpy())).digest() for part in sums)
+
+
+def _row_and_column_sums(tensor: Tensor) -> Tensor:
+    """A tensor's bytes as rows of 64-bit words: row sums, column sums, then the bytes left over.
+
+    Sums wrap modulo 2^64. The result is uint8, on the tensor's device.
+    """
+    data = tensor.detach().reshape(-1).view(torch.uint8)
+    if data.data_ptr() % 8:  # 64-bit words need 8-byte alignment; a copy has it
+        data = data.clone()
+    n_rows = data.numel() // (8 * _ROW_WORDS)
+    if n_rows == 0:
+        return data
+    split = 8 * _ROW_WORDS * n_rows
+    words = data[:split].view(torch.int64).view(n_rows, _ROW_WORDS)
+    tail = data[split:]
+    if data.device.type != "cpu":
+        return torch.cat(
+            [words.sum(dim=1).view(torch.uint8), words.sum(dim=0).view(torch.uint8), tail]
+        )
+    # on the CPU numpy's uint64 sums are much faster than torch's; each block of rows is summed
+    # both ways while it is in cache, so the bytes are read from memory once
+    matrix = words.numpy().view(np.uint64)
+    row_sums = np.empty(n_rows, dtype=np.uint64)
+    column_sums = np.zeros(_ROW_WORDS, dtype=np.uint64)
+    for start in range(0, n_rows, _BLOCK_ROWS):
+        block = matrix[start : start + _BLOCK_ROWS]
+        np.sum(block, axis=1, out=row_sums[start : start + _BLOCK_ROWS])
+        column_sums += block.sum(axis=0)
+    parts = [row_sums.view(np.uint8), column_sums.view(np.uint8), tail.numpy()]
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def tensor_digest(tensor: Tensor) -> str:
