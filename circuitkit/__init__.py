@@ -50,9 +50,10 @@ if TYPE_CHECKING:
     )
     from circuitkit.core.graph import Edge, EdgeScores, Graph, SenderOutputs, sender_outputs
     from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero
-    from circuitkit.core.models import load_model, load_tokenizer, tiny_model
+    from circuitkit.core.models import load_model, load_tokenizer
     from circuitkit.core.results import Comparison, Result, compare
     from circuitkit.data.ioi import IOIDataset
+    from circuitkit.data.tiny import tiny_model
     from circuitkit.interface.plot import plot, plot_causal_trace
     from circuitkit.interface.plot_circuit import plot_circuit
     from circuitkit.methods.ablation import AblationMethod, ablate, ablation_sweep
@@ -118,7 +119,7 @@ _PUBLIC = {
     "Zero": "circuitkit.core.interventions",
     "load_model": "circuitkit.core.models",
     "load_tokenizer": "circuitkit.core.models",
-    "tiny_model": "circuitkit.core.models",
+    "tiny_model": "circuitkit.data.tiny",
     "Comparison": "circuitkit.core.results",
     "Result": "circuitkit.core.results",
     "compare": "circuitkit.core.results",

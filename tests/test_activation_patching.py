@@ -8,7 +8,6 @@ from _device import DEVICE, assert_close
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit.core import models
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.metrics import Metric
 
@@ -85,7 +84,7 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("model_kind, kind", REFERENCE_CASES)
 def test_equals_reference_engine(model_kind, kind):
-    tiny_model = models.tiny_model(model_kind).to(DEVICE)
+    tiny_model = ck.tiny_model(model_kind).to(DEVICE)
     clean, corrupted, metric = random_pair(tiny_model, seed=5)
     kwargs = dict(per_position=True, progress=False)
     fast = ck.activation_patching(tiny_model, clean, corrupted, kind, metric, **kwargs)

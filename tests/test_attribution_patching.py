@@ -11,7 +11,6 @@ import torch
 from _device import DEVICE, assert_close, equal
 
 import circuitkit as ck
-from circuitkit.core import models
 from circuitkit.core.errors import CircuitkitError, ShapeError
 from circuitkit.core.metrics import Metric
 from circuitkit.methods.attribution_patching import _edge_reference
@@ -98,7 +97,7 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("model_kind, kind, direction, per_position, positions", REFERENCE_CASES)
 def test_fast_equals_reference(model_kind, kind, direction, per_position, positions):
-    model = models.tiny_model(model_kind).to(DEVICE)
+    model = ck.tiny_model(model_kind).to(DEVICE)
     clean, corrupted, metric = random_pair(model, seed=len(kind))
     kwargs = dict(
         direction=direction, per_position=per_position, positions=positions, progress=False
@@ -197,7 +196,7 @@ def test_eap_differs_from_single_edge_patching_on_a_nonlinear_model(tiny_gpt2):
     "kind, method", [("gpt2", "eap-ig"), ("llama", "eap"), ("llama", "eap-ig")]
 )
 def test_eap_equals_reference(kind, method):
-    model = models.tiny_model(kind).to(DEVICE)
+    model = ck.tiny_model(kind).to(DEVICE)
     clean, corrupted, metric = random_pair(model, seed=5)
     graph = ck.Graph.of(model)
     direction = "denoise" if method == "eap" else "noise"

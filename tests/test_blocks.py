@@ -7,7 +7,8 @@ import torch
 from _device import DEVICE, assert_close
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from circuitkit.core import blocks, models
+from circuitkit.core import blocks
+from circuitkit.data.tiny import tiny_model as build_tiny
 
 N, N_POS, RUNS = 3, 7, 2
 
@@ -81,7 +82,7 @@ def test_hooks_act_as_in_transformer_lens(tiny_llama):
 
 
 def test_blocks_it_cannot_compute_are_left_to_transformer_lens():
-    model = models.tiny_model("gpt2", tokenizer=False)
+    model = build_tiny("gpt2", tokenizer=False)
     block = model.blocks[0]
     block.ln1.hook_scale.add_hook(lambda scale, hook: scale)
     try:

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import circuitkit as ck
-from circuitkit.core import models
 from circuitkit.core.engine import unembed_residual
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.metrics import Metric
@@ -110,13 +109,13 @@ def test_which_edges_exist(tiny_gpt2):
     with pytest.raises(ComponentError, match="layer 7 is out of range"):
         graph.index(ck.Edge(ck.Head(7, 0), "logits"))
     with pytest.raises(ComponentError, match="attention-only"):
-        ck.Graph.of(models.tiny_model("attn-only")).index(ck.Edge(ck.MLP(0), "logits"))
+        ck.Graph.of(ck.tiny_model("attn-only")).index(ck.Edge(ck.MLP(0), "logits"))
     assert repr(ck.Edge(ck.Head(0, 3), ck.Head(1, 0).v)) == "Edge(Head(0, 3) -> Head(1, 0).v)"
 
 
 def parallel_model():
     """A GPT-J-style block: attention and MLP read the same residual stream."""
-    model = models.tiny_model("gpt2", seed=3).to(DEVICE)
+    model = ck.tiny_model("gpt2", seed=3).to(DEVICE)
     model.cfg.parallel_attn_mlp = True
     return model
 
@@ -126,7 +125,7 @@ def test_parallel_blocks_and_unsupported_models():
     with pytest.raises(ComponentError, match="there is no edge"):
         graph.index(ck.Edge(ck.Head(1, 2), ck.MLP(1)))  # read at the same time, not before
     graph.index(ck.Edge(ck.Head(0, 2), ck.MLP(1)))
-    post_norm = SimpleNamespace(cfg=copy.copy(models.tiny_model("gpt2").cfg))
+    post_norm = SimpleNamespace(cfg=copy.copy(ck.tiny_model("gpt2").cfg))
     post_norm.cfg.use_normalization_before_and_after = True
     with pytest.raises(CircuitkitError, match="not a sum of node outputs"):
         ck.Graph.of(post_norm)
@@ -135,7 +134,7 @@ def test_parallel_blocks_and_unsupported_models():
 @pytest.mark.parametrize("kind", ["gpt2", "attn-only", "llama", "parallel"])
 @pytest.mark.parametrize("mean", [False, True])
 def test_fast_equals_reference(kind, mean):
-    model = parallel_model() if kind == "parallel" else models.tiny_model(kind).to(DEVICE)
+    model = parallel_model() if kind == "parallel" else ck.tiny_model(kind).to(DEVICE)
     clean, corrupted, metric = random_pair(model, seed=len(kind) + mean)
     graph = ck.Graph.of(model)
     replacement = ck.sender_outputs(model, corrupted)
@@ -224,7 +223,7 @@ def test_every_edge_into_the_logits_reads_the_replacement(tiny_model, mean):
 
 @pytest.mark.parametrize("kind", ["gpt2", "attn-only", "llama", "parallel"])
 def test_every_edge_out_of_a_node_is_patching_the_node(kind):
-    tiny_model = parallel_model() if kind == "parallel" else models.tiny_model(kind).to(DEVICE)
+    tiny_model = parallel_model() if kind == "parallel" else ck.tiny_model(kind).to(DEVICE)
     clean, corrupted, metric = random_pair(tiny_model, seed=3)
     graph = ck.Graph.of(tiny_model)
     other = ck.sender_outputs(tiny_model, corrupted)

