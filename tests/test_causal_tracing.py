@@ -910,3 +910,10 @@ def test_target_without_its_leading_space_warns_on_smollm(smollm):
             smollm, EIFFEL, "Eiffel Tower", "Paris", samples=1, layers=[0], positions=[-1]
         )
     assert trace.clean_prob == pytest.approx(unspaced, rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "2"])
+def test_intervene_on_neuron_refuses_a_scale_that_is_not_a_finite_number(scale):
+    model = ck.tiny_model("gpt2")
+    with pytest.raises(CircuitkitError, match="intervene_on_neuron: scale must be a finite number"):
+        ck.intervene_on_neuron(model, "When Mary and John went", 0, 0, scale=scale)

@@ -370,3 +370,12 @@ def test_find_ioi_circuit_on_some_layers():
             if s in some.info
         ]
         assert any(node.effect == pytest.approx(e, abs=1e-5) for e in expected), node
+
+
+@pytest.mark.parametrize("z_threshold", [float("nan"), float("inf"), -1.0])
+def test_find_ioi_circuit_refuses_a_threshold_that_is_not_finite(tiny_llama, z_threshold):
+    ds = ck.IOIDataset(tiny_llama, n=4)
+    with pytest.raises(CircuitkitError, match="find_ioi_circuit: z_threshold must be a finite"):
+        ck.find_ioi_circuit(
+            tiny_llama, ds, reference=ds.corrupted("ABC"), z_threshold=z_threshold, progress=False
+        )

@@ -320,3 +320,8 @@ def test_smollm_does_the_task_and_abc_breaks_it(smollm):
         abc = metric(smollm(ds.corrupted("ABC").tokens)).mean()
     assert clean > 1.0
     assert clean > abc + 1.0
+
+
+def test_a_dataset_too_large_for_memory_is_refused_up_front(tiny_gpt2):
+    with pytest.raises(ck.DatasetError, match=r"n=1,000,000,000 prompts would need about .* GiB"):
+        ck.IOIDataset(tiny_gpt2, n=10**9)

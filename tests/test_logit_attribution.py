@@ -266,3 +266,13 @@ def test_ioi_command_sections(tiny_llama):
     assert last[0] == str(tiny_llama.cfg.n_layers - 1)
     actual = float(ck.metrics.logit_diff(ds)(logits).mean())
     assert float(last[1]) == pytest.approx(actual, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_direction_with_nan_or_inf_is_refused(tiny_gpt2, bad):
+    ds = ck.IOIDataset(tiny_gpt2, n=3)
+    _, cache = tiny_gpt2.run_with_cache(ds.tokens)
+    direction = torch.ones(tiny_gpt2.cfg.d_model)
+    direction[3] = bad
+    with pytest.raises(CircuitkitError, match="direct_logit_attribution: direction has NaN"):
+        ck.direct_logit_attribution(tiny_gpt2, cache, ds, by="head", direction=direction)

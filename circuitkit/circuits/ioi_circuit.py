@@ -102,9 +102,10 @@ def find_ioi_circuit(
     ):
         if not 0 <= value <= 1:
             raise CircuitkitError(f"{where}: {name} must lie in [0, 1], got {value!r}")
-    if z_threshold < 0 or max_per_class < 1:
+    if not (z_threshold >= 0 and math.isfinite(z_threshold)) or max_per_class < 1:
         raise CircuitkitError(
-            f"{where}: z_threshold must be >= 0 and max_per_class >= 1, got {z_threshold!r} "
+            f"{where}: z_threshold must be a finite number >= 0 and max_per_class >= 1, got "
+            f"{z_threshold!r} "
             f"and {max_per_class!r}"
         )
     tokens, positions = as_tokens(ds, "ds", where)

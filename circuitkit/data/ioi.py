@@ -30,6 +30,7 @@ which the IO name is predicted.
 from __future__ import annotations
 
 import operator
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ CORRUPTIONS: dict[str, str] = {
 
 #: Two names for the prompt and three more for the ABC corruption.
 MIN_NAMES = 5
+# Memory of one prompt: its example record, strings and token rows (measured, rounded up).
+_BYTES_PER_PROMPT = 4096
 
 SLOTS = ("IO", "S1", "S2", "PLACE", "OBJECT")
 _NAME_SLOTS = ("IO", "S1", "S2")
@@ -201,6 +204,12 @@ class IOIDataset:
     ) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise DatasetError(f"IOIDataset: n must be a positive integer, got {n!r}")
+        need, have = n * _BYTES_PER_PROMPT, _physical_memory()
+        if have and need > have // 2:
+            raise DatasetError(
+                f"IOIDataset: n={n:,} prompts would need about {need / 2**30:,.1f} GiB of memory; "
+                f"this machine has {have / 2**30:.1f} GiB (at most half of it is used)"
+            )
         if getattr(model, "tokenizer", None) is None:
             raise TokenizationError(
                 "IOIDataset: the model has no tokenizer; build it with one "
@@ -668,3 +677,11 @@ def _check_against_model(
                 "by slot, so its positions would be wrong; the template splits a word across "
                 "a slot boundary in this tokenizer"
             )
+
+
+def _physical_memory() -> int:
+    """Bytes of memory this machine has (0 where the platform cannot say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 0

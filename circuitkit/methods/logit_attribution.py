@@ -381,6 +381,8 @@ def _direction(
                 f"{where}: direction has shape {tuple(direction.shape)}, expected ({d_model},) "
                 f"or ({n}, {d_model})"
             )
+        if not bool(torch.isfinite(direction).all()):
+            raise CircuitkitError(f"{where}: direction has NaN or infinite entries")
         u = direction.detach().float().to(device).expand(n, d_model)
         return u, torch.zeros(n, device=device), "direction"
     if answers is None:

@@ -8,6 +8,7 @@ next-token distribution with and without the change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -146,8 +147,8 @@ def intervene_on_neuron(
     for name, value in (("layer_idx", layer_idx), ("neuron_idx", neuron_idx)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ComponentError(f"{where}: {name} must be an int, got {value!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise CircuitkitError(f"{where}: scale must be a number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise CircuitkitError(f"{where}: scale must be a finite number, got {scale!r}")
     if model.cfg.attn_only:
         raise ComponentError(f"{where}: this model is attention-only and has no MLP neurons")
     if isinstance(positions, (list, range)):
