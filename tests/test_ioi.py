@@ -323,5 +323,5 @@ def test_smollm_does_the_task_and_abc_breaks_it(smollm):
 
 
 def test_a_dataset_too_large_for_memory_is_refused_up_front(tiny_gpt2):
-    with pytest.raises(ck.DatasetError, match=r"n=1,000,000,000 prompts would need about .* GiB"):
-        ck.IOIDataset(tiny_gpt2, n=10**9)
+    with pytest.raises(DatasetError, match=r"n=1,000,000,000 prompts would need about .* GiB"):
+        IOIDataset(tiny_gpt2, n=10**9)
