@@ -17,11 +17,14 @@ from circuitkit.core.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from circuitkit.circuits.circuit import Circuit, CircuitHead
+    from circuitkit.circuits.curves import cmd, cpr, faithfulness_curve
     from circuitkit.circuits.discovery import discover_circuit
     from circuitkit.circuits.faithfulness import (
+        Ablation,
         Faithfulness,
         completeness,
         faithfulness,
+        faithfulness_table,
         minimality,
     )
     from circuitkit.circuits.ioi_circuit import find_ioi_circuit
@@ -54,7 +57,7 @@ if TYPE_CHECKING:
     from circuitkit.core.results import Comparison, Result, compare
     from circuitkit.data.ioi import IOIDataset
     from circuitkit.data.tiny import tiny_model
-    from circuitkit.interface.plot import plot, plot_causal_trace
+    from circuitkit.interface.plot import plot, plot_causal_trace, plot_curves
     from circuitkit.interface.plot_circuit import plot_circuit
     from circuitkit.methods.ablation import AblationMethod, ablate, ablation_sweep
     from circuitkit.methods.activation_patching import activation_patching
@@ -81,7 +84,13 @@ _PUBLIC = {
     "Circuit": "circuitkit.circuits.circuit",
     "CircuitHead": "circuitkit.circuits.circuit",
     "discover_circuit": "circuitkit.circuits.discovery",
+    "Ablation": "circuitkit.circuits.faithfulness",
     "Faithfulness": "circuitkit.circuits.faithfulness",
+    "faithfulness_table": "circuitkit.circuits.faithfulness",
+    "faithfulness_curve": "circuitkit.circuits.curves",
+    "cpr": "circuitkit.circuits.curves",
+    "cmd": "circuitkit.circuits.curves",
+    "plot_curves": "circuitkit.interface.plot",
     "completeness": "circuitkit.circuits.faithfulness",
     "faithfulness": "circuitkit.circuits.faithfulness",
     "minimality": "circuitkit.circuits.faithfulness",
@@ -179,6 +188,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Ablation",
+    "cmd",
+    "cpr",
+    "faithfulness_curve",
+    "faithfulness_table",
+    "plot_curves",
     "MLP",
     "AblationMethod",
     "Add",

@@ -26,7 +26,12 @@ from circuitkit.core.errors import MetricError, ShapeError
 
 
 class AnswerPrompts(Protocol):
-    """What the answer metrics read of a dataset; ``ck.IOIDataset`` is one."""
+    """What the answer metrics read of a dataset; ``ck.IOIDataset`` is one.
+
+    Example::
+
+        ck.metrics.logit_diff(ck.IOIDataset(model, n=8))   # any object with these four fields
+    """
 
     tokens: Int[Tensor, "n pos"]
     io_tokens: Int[Tensor, "n"]

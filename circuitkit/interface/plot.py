@@ -9,13 +9,16 @@ the interval as error bars; heatmaps fade the cells whose interval includes zero
 semi-transparent white layer, mark each with a slash (plotly heatmaps cannot be hatched) while
 such cells are at most half of the figure, and show the interval on hover. The subtitle says
 which interval is drawn and how the uncertain cells are marked. Diverging heatmaps use plotly's
-"RdBu" scale: negative values red, positive values blue. Figures are plain
-``plotly.graph_objects.Figure`` objects; nothing here changes plotly's global settings.
+"RdBu" scale: negative values red, positive values blue. Faithfulness curves (results with the
+axis "size", ``ck.faithfulness_curve``) are lines over the fraction of edges or nodes, on a log
+axis, with their CPR and CMD in the legend; ``plot_curves`` draws several on one figure.
+Figures are plain ``plotly.graph_objects.Figure`` objects; nothing here changes plotly's global
+settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from circuitkit.circuits.curves import cmd, cpr
 from circuitkit.core.errors import CircuitkitError, ShapeError
 from circuitkit.core.results import Result
 from circuitkit.methods.causal_tracing import CausalTrace
@@ -65,7 +69,8 @@ def plot(
     ``error`` picks the interval: "ci" (bootstrap, ``level``, ``n_boot`` draws, ``seed``),
     "sem" (normal, ``value ± z·sem`` at ``level``) or None (none drawn). Results without
     per-example values are drawn without intervals. A ``CausalTrace``, or a list of them, is
-    drawn by ``plot_causal_trace``. ``layout`` goes to ``fig.update_layout``.
+    drawn by ``plot_causal_trace``; a faithfulness curve (axis "size") by ``plot_curves``.
+    ``layout`` goes to ``fig.update_layout``.
 
     Example::
 
@@ -85,6 +90,12 @@ def plot(
         raise CircuitkitError(f"plot: error must be 'ci', 'sem' or None, got {error!r}")
     if kind not in ("line", "bar"):
         raise CircuitkitError(f"plot: kind must be 'line' or 'bar', got {kind!r}")
+    if result.axes == ("size",):
+        return plot_curves(
+            {result.metric or "faithfulness": result},
+            title=title if title is not None else "Faithfulness curve",
+            error=error, level=level, n_boot=n_boot, seed=seed, **layout,
+        )  # fmt: skip
     values = result.values.detach().float().cpu()
     if not 1 <= values.ndim <= 3:
         raise ShapeError(
@@ -256,6 +267,89 @@ def _facets(
         for trace in traces:
             fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
     fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def plot_curves(
+    curves: Mapping[str, Result],
+    *,
+    title: str | None = None,
+    error: Literal["ci", "sem"] | None = "ci",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+    log_x: bool = True,
+    **layout: Any,
+) -> go.Figure:
+    """Faithfulness curves on one figure: one line per curve, with intervals, CPR and CMD.
+
+    Each curve (a ``Result`` with axis "size", from ``ck.faithfulness_curve``) is drawn against
+    the fraction of edges (or nodes) in the circuit, on a log axis unless ``log_x=False`` (a
+    fraction of 0 has no place on a log axis and is left out there), with error bars as in
+    ``plot`` (``error``, ``level``, ``n_boot``, ``seed``); the legend names each curve with its
+    CPR and CMD (``ck.cpr``, ``ck.cmd``, over all its sizes). A dotted line marks the full
+    model's faithfulness, 1. ``layout`` goes to ``fig.update_layout``.
+
+    Example::
+
+        fig = ck.plot_curves({"EAP-IG": ig_curve, "EAP": eap_curve})
+        fig.show()
+    """
+    where = "plot_curves"
+    if not isinstance(curves, Mapping) or not curves:
+        raise CircuitkitError(
+            f"{where}: give the curves as {{name: curve}}, such as {{'EAP-IG': curve}}, got "
+            f"{type(curves).__name__}"
+        )
+    if error not in ("ci", "sem", None):
+        raise CircuitkitError(f"{where}: error must be 'ci', 'sem' or None, got {error!r}")
+    fig = go.Figure()
+    notes, items = set(), set()
+    for name, curve in curves.items():
+        if not isinstance(curve, Result) or curve.axes != ("size",):
+            got = curve.axes if isinstance(curve, Result) else type(curve).__name__
+            raise ShapeError(
+                f"{where}: {name!r} is not a faithfulness curve (a Result with the axis 'size', "
+                f"from ck.faithfulness_curve), got {got}"
+            )
+        fractions = [float(x) for x in curve.info.get("fractions", curve.labels["size"])]
+        values = curve.values.detach().float().cpu()
+        shown = [i for i, x in enumerate(fractions) if x > 0 or not log_x]
+        error_y = None
+        interval = _interval(curve, error, level, n_boot, seed)
+        if interval is not None:
+            low, high = interval
+            error_y = dict(
+                type="data",
+                symmetric=False,
+                array=[max(float(high[i] - values[i]), 0.0) for i in shown],
+                arrayminus=[max(float(values[i] - low[i]), 0.0) for i in shown],
+                visible=True,
+            )
+            notes.add(_note(curve, error, level, 1, False))
+        fig.add_trace(
+            go.Scatter(
+                x=[fractions[i] for i in shown],
+                y=[float(values[i]) for i in shown],
+                error_y=error_y,
+                mode="lines+markers",
+                name=f"{name} (CPR {cpr(curve):.3f}, CMD {cmd(curve):.3f})",
+            )
+        )
+        items.add("nodes" if curve.info.get("level") == "node" else "edges")
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    fig.update_xaxes(
+        title_text=f"fraction of {' and '.join(sorted(items))} in the circuit",
+        type="log" if log_x else "linear",
+    )
+    fig.update_yaxes(title_text="faithfulness (0: empty circuit, 1: full model)")
+    title = title if title is not None else "Faithfulness curves"
+    note = " · ".join(sorted(notes))
+    fig.update_layout(
+        title=f"{title}<br><sup>{note}</sup>" if note else title,
+        template="plotly_white",
+        **layout,
+    )
     return fig
 
 
