@@ -107,7 +107,6 @@ _CONFIG = "config.json"
 _RUNTIME_FIELDS = ("device", "dtype", "n_devices")
 
 
-
 def load_model(
     name: str = _SMOLLM2,
     device: str | torch.device | None = None,
@@ -805,5 +804,3 @@ def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, local_files_only=True)
     tokenizer.padding_side = "right"
     return tokenizer
-
-
