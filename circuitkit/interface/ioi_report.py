@@ -255,9 +255,9 @@ def ioi_study(
 
 # The share of a full forward pass of one prompt that the engine runs per patch, by sweep:
 # measured on smollm2-135m (2-core CPU) against the baseline's own passes; estimates only.
-_RESID_SHARE = 0.5
-_HEAD_SHARE = 0.15
-_CIRCUIT_SHARE = 0.5
+_RESID_SHARE = 0.4
+_HEAD_SHARE = 0.3
+_CIRCUIT_SHARE = 0.6
 _FAITHFULNESS_PASSES = 3
 
 
