@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -113,9 +116,10 @@ def test_chunking_does_not_change_results(tiny_gpt2):
     one = run_interventions(
         tiny_gpt2, base, runs, metric, positions=positions, max_runs_per_chunk=1, progress=False
     )
-    tiny_budget = run_interventions(
-        tiny_gpt2, base, runs, metric, positions=positions, memory_budget=1, progress=False
-    )
+    with pytest.warns(UserWarning, match="memory_budget of 1 B cannot be met"):
+        tiny_budget = run_interventions(
+            tiny_gpt2, base, runs, metric, positions=positions, memory_budget=1, progress=False
+        )
     many = run_interventions(tiny_gpt2, base, runs, metric, positions=positions, progress=False)
     assert_close(one, many, atol=1e-5, rtol=1e-5)
     assert_close(tiny_budget, one, atol=0, rtol=0)
@@ -267,12 +271,22 @@ def test_user_hooks_are_kept(tiny_gpt2):
         tiny_gpt2.reset_hooks()
 
 
-def test_nan_in_result_is_an_error(tiny_gpt2):
+@pytest.mark.parametrize("reference", [False, True])
+def test_nan_in_result_is_an_error(tiny_gpt2, reference):
+    # finite on the base run, NaN wherever a run changes the metric: only the check of the
+    # patched runs' values can catch it
     base, cache, metric, positions, g = random_case(tiny_gpt2, 1)
-    nan = torch.full((tiny_gpt2.cfg.d_head,), float("nan"))
-    with pytest.raises(MetricError, match="NaN"):
+    unpatched = metric(tiny_gpt2(base))
+
+    def fn(logits_at):
+        changed = (metric.fn(logits_at) - unpatched).abs() > 1e-3
+        return torch.where(changed, math.nan, 0.0)
+
+    nan_when_changed = Metric("nan_when_changed", metric.positions, fn)
+    runs = [[], [Intervention(Head(1, 1), Zero())]]
+    with pytest.raises(MetricError, match="the metric returned NaN or infinite values"):
         run_interventions(
-            tiny_gpt2, base, [[Intervention(Head(1, 1), SetTo(nan))]], metric, progress=False
+            tiny_gpt2, base, runs, nan_when_changed, reference=reference, progress=False
         )
 
 
@@ -402,7 +416,10 @@ def test_recording_sees_the_interventions_and_chunks_do_not_matter(tiny_gpt2):
     one_at_a_time = record_activations(
         tiny_gpt2, base, runs, components, max_runs_per_chunk=1, **kwargs
     )
-    tiny_budget = record_activations(tiny_gpt2, base, runs, components, memory_budget=1, **kwargs)
+    with pytest.warns(UserWarning, match="memory_budget of 1 B cannot be met"):
+        tiny_budget = record_activations(
+            tiny_gpt2, base, runs, components, memory_budget=1, **kwargs
+        )
     for a, b, c in zip([attn, resid], one_at_a_time, tiny_budget, strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert equal(b, c)
@@ -515,3 +532,258 @@ def test_recording_up_to_last_positions(tiny_model, seed):
         assert (whole[:-1] - whole[-1]).abs().max() > 1e-3
     with pytest.raises(ShapeError, match="last_positions must lie in 0..7"):
         record_activations(tiny_model, base, runs, recorded, last_positions=last + 8, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain callable metrics: probed for the positions they read
+
+
+def plain_metrics(model, base, metric):
+    """Plain callables as users write them, by the positions of the logits they read."""
+    n, n_pos = base.shape
+    rows = torch.arange(n)
+    read = metric.positions  # per example, as a dataset's "end"
+    a, b = 3, 11
+    return {
+        "last": lambda logits: logits[:, -1, a] - logits[:, -1, b],
+        "per_example": lambda logits: logits[rows, read, a] - logits[rows, read, b],
+        "several": lambda logits: (
+            logits[:, 1, a] + logits[:, 3].log_softmax(-1)[:, b] - logits[:, -1].logsumexp(-1)
+        ),
+        "per_example_several": lambda logits: logits[rows, read, a] + logits[rows, read - 1, b],
+    }
+
+
+def _unembedded_positions(monkeypatch):
+    """The number of positions of each residual stream the engine unembeds."""
+    counts = []
+    unembed = engine.unembed_residual
+
+    def counted(model, residual, base=None):
+        counts.append(residual.shape[1])
+        return unembed(model, residual, base)
+
+    monkeypatch.setattr(engine, "unembed_residual", counted)
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["last", "per_example", "several", "per_example_several"])
+def test_plain_callable_reads_only_its_positions(tiny_model, kind, monkeypatch):
+    base, cache, metric, positions, g = random_case(tiny_model, 31)
+    runs = random_runs(tiny_model, cache, g, base.shape[1])
+    fn = plain_metrics(tiny_model, base, metric)[kind]
+    kwargs = dict(positions=positions, progress=False)
+    reference = run_interventions(tiny_model, base, runs, fn, reference=True, **kwargs)
+    counts = _unembedded_positions(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the probe found the positions
+        fast = run_interventions(tiny_model, base, runs, fn, max_runs_per_chunk=5, **kwargs)
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert (fast[:-1] - fast[-1]).abs().max() > 1e-3  # the runs change the metric
+    # the probe unembeds the base run whole; every chunk only the positions read
+    assert counts[0] == base.shape[1]
+    assert max(counts[1:]) <= {"last": 1, "per_example": 1}.get(kind, 3)
+
+
+def test_plain_lambda_equals_metric(tiny_gpt2):
+    # the same logit difference at the last position, as a lambda and as a Metric
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 32)
+    runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
+    n, n_pos = base.shape
+    diff = Metric("diff", torch.full((n,), n_pos - 1), lambda at: at[..., 5] - at[..., 8])
+    kwargs = dict(positions=positions, progress=False)
+    as_metric = run_interventions(tiny_gpt2, base, runs, diff, **kwargs)
+    as_lambda = run_interventions(
+        tiny_gpt2, base, runs, lambda logits: logits[:, -1, 5] - logits[:, -1, 8], **kwargs
+    )
+    assert_close(as_lambda, as_metric, atol=1e-5, rtol=1e-5)
+
+
+def _falls_back(model, base, runs, fn, match, **kwargs):
+    """The fast path's values, after checking that it warns exactly once, saying ``match``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = run_interventions(model, base, runs, fn, max_runs_per_chunk=5, **kwargs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"run_interventions: the metric {match}")
+    assert "computing full logits (about " in messages[0]
+    assert "pass a ck.metrics.Metric to read only some" in messages[0]
+    return fast
+
+
+def test_plain_callable_that_reads_everything_falls_back(tiny_model):
+    base, cache, metric, positions, g = random_case(tiny_model, 33)
+    runs = random_runs(tiny_model, cache, g, base.shape[1])
+    kwargs = dict(positions=positions, progress=False)
+
+    def everywhere(logits):
+        return logits.log_softmax(-1)[..., 7].mean(dim=1)
+
+    reference = run_interventions(tiny_model, base, runs, everywhere, reference=True, **kwargs)
+    fast = _falls_back(tiny_model, base, runs, everywhere, "reads every position", **kwargs)
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_callables_the_probe_cannot_confirm_fall_back(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 34)
+    runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
+    kwargs = dict(positions=positions, progress=False)
+    big = float(tiny_gpt2(base).detach().abs().max()) * 2
+
+    def argmax(logits):  # no gradient
+        return (logits[:, -1].argmax(-1) % 2).float()
+
+    def gated(logits):  # reads position 0, where its gradient is zero
+        return logits[:, -1, 2] * (logits[:, 0, 0] < big).float()
+
+    def in_place(logits):  # changes its input: no gradient can be taken
+        logits -= logits.logsumexp(-1, keepdim=True)
+        return logits[:, -1, 2]
+
+    for fn, match in [
+        (argmax, "cannot be differentiated"),
+        (gated, "reads positions of the logits where its gradient is zero"),
+        (in_place, "cannot be differentiated"),
+    ]:
+        reference = run_interventions(tiny_gpt2, base, runs, fn, reference=True, **kwargs)
+        fast = _falls_back(tiny_gpt2, base, runs, fn, match, **kwargs)
+        assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_metric_that_runs_the_model_sees_the_plain_model(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 35)
+    runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
+    n, n_pos = base.shape
+
+    def plain(logits):
+        return tiny_gpt2(base)[:, -1, 0] + 0 * logits[:, -1, 0]
+
+    as_metric = Metric(
+        "model", torch.full((n,), n_pos - 1), lambda at: tiny_gpt2(base)[:, -1, 0] + 0 * at[..., 0]
+    )
+    unpatched = tiny_gpt2(base)[:, -1, 0]
+    for fn in (plain, as_metric):
+        kwargs = dict(positions=positions, progress=False)
+        reference = run_interventions(tiny_gpt2, base, runs, fn, reference=True, **kwargs)
+        fast = run_interventions(tiny_gpt2, base, runs, fn, max_runs_per_chunk=5, **kwargs)
+        assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+        # no run's interventions reach the model the metric runs
+        assert_close(fast, unpatched.expand_as(fast), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids, memory budgets and sizes checked up front
+
+
+def test_bad_token_ids_are_refused_by_every_entry_point(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 36)
+    runs = [[Intervention(Attn(0), Zero())]]
+    vocab = tiny_gpt2.cfg.d_vocab
+    negative, past_vocab = base.clone(), base.clone()
+    negative[1, 2] = -1
+    past_vocab[0, 3] = vocab
+    calls = {
+        "run_interventions": lambda tokens: run_interventions(tiny_gpt2, tokens, runs, metric),
+        "record_activations": lambda tokens: record_activations(tiny_gpt2, tokens, runs, [Attn(0)]),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ck.CircuitkitError, match=rf"^{where}: tokens holds token ids from -1"):
+            call(negative)
+        with pytest.raises(
+            ck.CircuitkitError, match=rf"^{where}: .* to {vocab}, outside the valid range \[0, "
+        ):
+            call(past_vocab)
+        for dtype in (torch.bool, torch.complex64):
+            with pytest.raises(ShapeError, match=rf"^{where}: tokens must be an integer .*{dtype}"):
+                call(base.to(dtype))
+        with pytest.raises(ShapeError, match=rf"^{where}: tokens has no examples"):
+            call(base[:0])
+        with pytest.raises(ShapeError, match=rf"^{where}: tokens has no positions"):
+            call(base[:, :0])
+    # int32 ids are ids
+    int32 = run_interventions(tiny_gpt2, base.int(), runs, metric, progress=False)
+    assert equal(int32, run_interventions(tiny_gpt2, base, runs, metric, progress=False))
+
+
+@pytest.mark.parametrize("budget", ["1GB", -1, 0, math.nan, math.inf, 1.5, True, [1]])
+def test_bad_memory_budgets(tiny_gpt2, budget):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 37)
+    runs = [[Intervention(Attn(0), Zero())]]
+    with pytest.raises(ck.CircuitkitError, match=r"^run_interventions: memory_budget must be a"):
+        run_interventions(tiny_gpt2, base, runs, metric, memory_budget=budget)
+    with pytest.raises(ck.CircuitkitError, match=r"^record_activations: memory_budget must be a"):
+        record_activations(tiny_gpt2, base, runs, [Attn(1)], memory_budget=budget)
+
+
+def test_whole_float_memory_budget_is_a_number_of_bytes(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 38)
+    runs = [[Intervention(Attn(0), Zero())], []]
+    as_float = run_interventions(tiny_gpt2, base, runs, metric, memory_budget=1e9, progress=False)
+    as_int = run_interventions(tiny_gpt2, base, runs, metric, memory_budget=10**9, progress=False)
+    assert equal(as_float, as_int)
+
+
+class _ManyRuns(Sequence):
+    """A sequence of many unpatched runs that fails if any of them is read."""
+
+    def __init__(self, n_runs):
+        self.n_runs = n_runs
+
+    def __len__(self):
+        return self.n_runs
+
+    def __getitem__(self, index):
+        raise AssertionError("a run was read before the call was refused")
+
+
+def test_huge_calls_are_refused_up_front(tiny_gpt2):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 39)
+    with pytest.raises(
+        ck.CircuitkitError,
+        match=r"^run_interventions: 1,000,000,000,000 runs need about .* TiB of CPU memory for "
+        r"their results, but .* is available; split the runs",
+    ):
+        run_interventions(tiny_gpt2, base, _ManyRuns(10**12), metric)
+    with pytest.raises(
+        ck.CircuitkitError,
+        match=r"^record_activations: 10,000,000 runs need about .* for the recorded activations",
+    ):
+        record_activations(tiny_gpt2, base, _ManyRuns(10**7), [Resid(1)])
+
+
+def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
+    base, cache, metric, positions, g = random_case(tiny_gpt2, 40)
+    runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
+    n = base.shape[0]
+    with torch.no_grad():
+        base_run = engine.base_run(tiny_gpt2, base)
+        final = base_run.resid[tiny_gpt2.cfg.n_layers]
+        engine.read_metric(tiny_gpt2, final, metric, 1, n, 0, base_run)  # lays out the unembedding
+    kept = engine.kept_bytes(base_run)
+    assert kept > 0
+    budgets = []
+    runs_per_chunk = engine.runs_per_chunk
+
+    def spied(model, per_run, memory_budget, max_runs):
+        budgets.append((per_run, memory_budget))
+        return runs_per_chunk(model, per_run, memory_budget, max_runs)
+
+    monkeypatch.setattr(engine, "runs_per_chunk", spied)
+    kwargs = dict(positions=positions, progress=False)
+    enough = 1024**3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = run_interventions(tiny_gpt2, base, runs, metric, memory_budget=enough, **kwargs)
+    # chunks are sized to what the cached activations leave
+    assert budgets and {budget for _, budget in budgets} == {enough - kept}
+    one_run = max(per_run for per_run, _ in budgets)
+    # a budget that holds one run but not the cached activations too: one warning, same values
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        narrow = run_interventions(tiny_gpt2, base, runs, metric, memory_budget=one_run, **kwargs)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("run_interventions: memory_budget of ")
+    assert "cannot be met: the base run's cached activations take " in messages[0]
+    assert_close(narrow, wide, atol=1e-5, rtol=1e-5)

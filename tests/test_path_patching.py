@@ -232,10 +232,13 @@ def test_result_axes_and_labels(tiny_gpt2):
     assert heads.examples.shape == (3, 4, 3)
     assert_close(heads.values, heads.examples.mean(-1))
     assert heads.method == "path_patching"
+    baseline = heads.info.pop("baseline_examples")
+    assert baseline.shape == (clean.tokens.shape[0],)
     assert heads.info == {
         "direction": "noise",
         "senders": "heads",
         "receivers": ["Resid(2, 'post')"],
+        "baseline": pytest.approx(float(baseline.mean())),
     }
     mlps = ck.path_patching(tiny_gpt2, clean, corrupted, "mlps", "logits", **kwargs)
     assert mlps.axes == ("layer",) and mlps.values.shape == (3,)

@@ -18,6 +18,14 @@ Fast path (the default):
 - A ``Metric`` reads one position per example, so only the final residual stream at those
   positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits, and
   the last block computes its queries, attention output and MLP at those positions alone.
+- A plain callable metric is probed once, on the base run, for the positions it reads: those
+  where its gradient with respect to the logits is not zero. The probe is then confirmed: the
+  metric must give exactly its values on the base logits when every other position holds NaN,
+  and again when they hold random values. If so, each run unembeds those positions alone and
+  the callable gets them in a logits tensor that holds NaN everywhere else; if not (a metric
+  that cannot be differentiated, reads every position, or reads positions its gradient does
+  not show), it gets the full logits and a warning says what that costs. The probe assumes
+  that which positions a metric reads depends on the examples, not on the logits' values.
 - A run whose first layer changes only activations that stay at their positions (a head's
   output at one position, say) changes that layer's output at that position alone: the layer
   is computed there alone, and its later positions are the base run's.
@@ -25,6 +33,8 @@ Fast path (the default):
   the same hook points); others run TransformerLens's forward.
 - The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
   one Python call per run.
+- The metric is called after the chunk's hooks are removed, as in the reference path: a metric
+  that runs the model itself sees the plain model.
 - On a GPU the loop over chunks only queues work: masks and run indices reach the device in
   one copy each, results stay there until the end, and the metric's values are checked once.
   Metrics are computed in float32 whatever the model's dtype. TF32 matrix products are used
@@ -46,12 +56,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -61,6 +73,7 @@ from transformer_lens.utils import apply_softcap
 from circuitkit.core import blocks
 from circuitkit.core.components import Component, selection_mask
 from circuitkit.core.errors import CircuitkitError, ComponentError, MetricError, ShapeError
+from circuitkit.core.inputs import check_token_ids
 from circuitkit.core.interventions import (
     Add,
     Intervention,
@@ -109,15 +122,29 @@ def run_interventions(
 
     Each element of ``runs`` is an ``Intervention`` or a sequence of them applied together;
     an empty sequence is the unpatched base run. ``positions`` (a dataset's dict of [n] index
-    tensors) resolves position words such as "end". ``memory_budget`` caps the bytes of
-    activations one chunk may use (default: 2 GiB on CPU, half the free memory on a GPU);
-    ``max_runs_per_chunk`` caps the runs per forward pass. ``reference=True`` runs the slow,
-    plainly written path: one ``run_with_hooks`` forward per run.
+    tensors) resolves position words such as "end". ``max_runs_per_chunk`` caps the runs per
+    forward pass. ``reference=True`` runs the slow, plainly written path: one
+    ``run_with_hooks`` forward per run.
+
+    ``memory_budget`` is a number of bytes (a positive int, or a float with no fractional
+    part such as ``1e9``; default: 2 GiB on CPU, half the free memory on a GPU). It covers
+    what the fast path keeps on the model's device for the whole call (the base run's cached
+    residual streams, keys and values, the unembedding laid out for it, and for a plain
+    callable metric the logits tensor it is given) plus the activations of one chunk's forward
+    pass, by estimate; chunks are sized to what is left. It does not cover the model, the
+    inputs and values given, the returned results, or the one base forward and metric probe
+    made before the chunks. When even one run does not fit, the runs go one per forward pass
+    and a warning says how much that takes. A call whose results alone would not fit in the
+    memory available is refused before any work.
 
     The metric is first evaluated on the unpatched base run, so a metric of the wrong shape
-    fails before any patched run. ``where`` names the function the user called in error
-    messages (a method passes its own name); it defaults to ``desc`` when that is given, else
-    "run_interventions". ``desc`` labels the progress bar.
+    fails before any patched run. A plain callable is then probed for the positions of the
+    logits it reads (see the module's docstring), so it costs no more than a ``Metric`` when
+    it reads a few; when it reads every one, a warning says so.
+
+    ``where`` names the function the user called in error messages (a method passes its own
+    name); it defaults to ``desc`` when that is given, else "run_interventions". ``desc``
+    labels the progress bar.
 
     Returns the per-example metric, shape ``[len(runs), n]``, on the CPU.
 
@@ -129,9 +156,14 @@ def run_interventions(
     """
     if where is None:
         where = desc if desc != "interventions" else "run_interventions"
-    runs_list = _check_runs(model, runs, where)
+    memory_budget = _check_memory_budget(memory_budget, where)
     tokens = _check_tokens(model, tokens, where)
     n = tokens.shape[0]
+    runs = runs if isinstance(runs, Sized) else list(runs)
+    # float32 results [n_runs, n], on the device and then on the CPU
+    results_bytes = 4 * len(runs) * n
+    _check_fits(model, len(runs), results_bytes, results_bytes, "their results", where)
+    runs_list = _check_runs(model, runs, where)
     _check_metric_object(metric, n, where)
     if not runs_list:
         return torch.zeros(0, n)
@@ -142,22 +174,27 @@ def run_interventions(
             check_metric_values(metric(model(tokens).float()), n, where)
             compiled = _compile(model, tokens, runs_list, positions, where)
             return _run_reference(model, tokens, compiled, metric, progress, desc, where)
+        # resolved before the base run, whose cached activations the budget holds too
+        budget = memory_budget if memory_budget is not None else default_memory_budget(model)
         # the base run is needed anyway; the metric on it fails before any chunk is computed
         base = base_run(model, tokens)
-        final = base.resid[model.cfg.n_layers]
-        read_metric(model, final, metric, 1, n, 0, base, where=where)
+        if isinstance(metric, Metric):
+            read_metric(model, base.resid[model.cfg.n_layers], metric, 1, n, 0, base, where=where)
+        else:
+            metric = _probed_metric(model, metric, base, n, where)
         compiled = _compile(model, tokens, runs_list, positions, where)
         return _run_fast(
             model,
             tokens,
             compiled,
             metric,
-            memory_budget,
+            budget,
             max_runs_per_chunk,
             progress,
             desc,
             base=base,
             where=where,
+            default_budget=memory_budget is None,
         )
 
 
@@ -190,6 +227,12 @@ def record_activations(
     example ``i`` will be read: later positions then hold the base run's activations instead of
     the run's (in a causal model they cannot change the earlier ones).
 
+    ``memory_budget`` is given as to ``run_interventions`` and covers, in the fast path, the
+    base run's cached residual streams, keys and values plus one chunk's activations and
+    recordings, by estimate; it does not cover the model, the inputs, or the returned
+    tensors, which are checked against the memory available before any work. When even one
+    run does not fit, the runs go one per forward pass and a warning says how much that takes.
+
     Returns one tensor per component of ``record``, shape ``[len(runs), n, ...]``, on the
     model's device; components at the same hook share one tensor.
 
@@ -201,8 +244,9 @@ def record_activations(
         q10.shape    # [1, n, pos, n_heads, d_head]
     """
     where = "record_activations"
-    runs_list = _check_runs(model, runs, where)
+    memory_budget = _check_memory_budget(memory_budget, where)
     tokens = _check_tokens(model, tokens, where)
+    runs = runs if isinstance(runs, Sized) else list(runs)
     record = list(record) if not isinstance(record, Component) else [record]
     if not record or not all(isinstance(c, Component) for c in record):
         raise CircuitkitError(
@@ -215,6 +259,10 @@ def record_activations(
 
     with torch.no_grad():
         shapes = _activation_shapes(model, tokens, record)
+        itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
+        recorded_bytes = len(runs) * itemsize * sum(math.prod(shapes[name]) for name in layers)
+        _check_fits(model, len(runs), recorded_bytes, 0, "the recorded activations", where)
+        runs_list = _check_runs(model, runs, where)
         if not runs_list:
             acts = {
                 name: torch.empty(0, *shapes[name], dtype=model.cfg.dtype, device=tokens.device)
@@ -239,6 +287,90 @@ def record_activations(
                 )
                 acts = _base_after_last(model, tokens, acts, layers, last)
     return [acts[c.hook_name(model)] for c in record]
+
+
+def _check_memory_budget(budget: object, where: str) -> int | None:
+    """``budget`` as an int number of bytes (None stays None), or a CircuitkitError.
+
+    A positive int is taken as it is, and so is a float with no fractional part (``1e9``,
+    ``2.0**30``): that is how large numbers are often written. Anything else (a string such as
+    "1GB", a negative number, zero, NaN, 1.5) is refused."""
+    if budget is None:
+        return None
+    whole = isinstance(budget, numbers.Integral) or (
+        isinstance(budget, float) and math.isfinite(budget) and budget.is_integer()
+    )
+    if isinstance(budget, bool) or not whole or budget < 1:  # type: ignore[operator]
+        raise CircuitkitError(
+            f"{where}: memory_budget must be a positive whole number of bytes (an int, or a "
+            f"float such as 1e9), got {type(budget).__name__} {budget!r}; for 2 GiB pass "
+            "2 * 1024**3"
+        )
+    return int(budget)  # type: ignore[call-overload]
+
+
+# Host memory one run takes while a call compiles and runs it, beyond its results: its
+# resolved interventions, its place in the chunk lists, the hooks' groups. Measured at about
+# 0.7 KiB for a run of one intervention; a generous round figure.
+_HOST_BYTES_PER_RUN = 2048
+
+
+def _check_fits(
+    model: HookedTransformer,
+    n_runs: int,
+    device_bytes: int,
+    host_bytes: int,
+    what: str,
+    where: str,
+) -> None:
+    """Refuse, before any work, a call whose ``n_runs`` runs would not fit in memory:
+    ``device_bytes`` for ``what`` on the model's device, ``host_bytes`` for them on the CPU,
+    and ``_HOST_BYTES_PER_RUN`` each on the CPU."""
+    host_bytes += n_runs * _HOST_BYTES_PER_RUN
+    device = torch.device(model.cfg.device) if model.cfg.device is not None else torch.device("cpu")
+    needs = []
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        needs.append((device_bytes, free + cached, f"GPU memory ({device})"))
+    else:
+        host_bytes += device_bytes
+    needs.append((host_bytes, _available_host_memory(), "CPU memory"))
+    for need, available, kind in needs:
+        if available is not None and need > available:
+            raise CircuitkitError(
+                f"{where}: {n_runs:,} runs need about {format_bytes(need)} of {kind} for "
+                f"{what}, but {format_bytes(available)} is available; split the runs into "
+                "several calls"
+            )
+
+
+def _available_host_memory() -> int | None:
+    """Bytes of CPU memory available to new allocations (Linux's MemAvailable), or None where
+    that is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def format_bytes(size: float) -> str:
+    """``size`` bytes as a short text: "512 B", "3.2 MiB", "1.5 GiB".
+
+    Example::
+
+        format_bytes(3 * 1024**3)    # '3.0 GiB'
+    """
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    exponent = 0
+    while abs(size) >= 1024 and exponent < len(units) - 1:
+        size /= 1024
+        exponent += 1
+    return f"{size:.0f} B" if exponent == 0 else f"{size:.1f} {units[exponent]}"
 
 
 def _check_last_positions(last: Tensor | None, tokens: Tensor, where: str) -> Tensor | None:
@@ -298,15 +430,16 @@ def _check_runs(
 
 
 def _check_tokens(model: HookedTransformer, tokens: Tensor, where: str) -> Tensor:
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ShapeError(f"{where}: tokens must be an integer [n, pos] tensor, got {shape}")
+    tokens = check_token_ids(tokens, where, d_vocab=model.cfg.d_vocab)
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ShapeError(
             f"{where}: tokens have {tokens.shape[1]} positions but the model's context "
             f"is {model.cfg.n_ctx}"
         )
-    return tokens.to(model.cfg.device).long()
+    return tokens.to(model.cfg.device)
 
 
 def _check_metric_object(metric: MetricLike, n: int, where: str) -> None:
@@ -592,7 +725,7 @@ def _run_fast(
     model: HookedTransformer,
     tokens: Tensor,
     compiled: list[list[_Compiled]],
-    metric: MetricLike,
+    metric: MetricLike | _ProbedMetric,
     memory_budget: int | None,
     max_runs_per_chunk: int | None,
     progress: bool,
@@ -600,19 +733,33 @@ def _run_fast(
     *,
     base: BaseRun | None = None,
     where: str = "run_interventions",
+    default_budget: bool = False,
 ) -> Tensor:
     n, n_pos = tokens.shape
     device = tokens.device
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
     base = base_run(model, tokens) if base is None else base
     starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
-    full_logits = not isinstance(metric, Metric)
     if isinstance(metric, Metric):  # read positions on the device once, not once per chunk
         metric = dataclasses.replace(metric, positions=metric.positions.to(device))
-    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+    # a metric that reads one position per example: the last block computes only those
+    one_read = None
+    if isinstance(metric, Metric):
+        one_read = metric.positions
+    elif isinstance(metric, _ProbedMetric) and metric.positions.shape[1] == 1:
+        one_read = metric.positions[:, 0]
+    # the budget holds what the call keeps throughout; chunks get what is left
+    kept = kept_bytes(base)
+    if isinstance(metric, _ProbedMetric):
+        kept += metric.logits.numel() * metric.logits.element_size()
+    # the largest run computes every position from the earliest one any run starts at
+    earliest = min(pos for _, pos, _ in starts)
+    largest = bytes_per_run(model, n, n_pos - earliest, n_pos, one_read is None)
+    _warn_if_over_budget(where, budget, default_budget, kept, largest)
 
     def chunk_size(key: tuple[int, int, bool]) -> int:
-        per_run = bytes_per_run(model, n, n_pos - key[0], n_pos, full_logits)
-        return runs_per_chunk(model, per_run, budget, max_runs_per_chunk)
+        per_run = bytes_per_run(model, n, n_pos - key[0], n_pos, one_read is None)
+        return runs_per_chunk(model, per_run, max(budget - kept, 0), max_runs_per_chunk)
 
     # Chunks go position by position, so those that start at one position share the earlier
     # positions' keys and values (``_prefix``). The loop queues work on the device and never
@@ -633,7 +780,7 @@ def _run_fast(
                 [compiled[r] for r in chunk], c, n, pos, alone_in=layer if alone else None
             )
             # the last block need compute only the positions the metric reads
-            read = None if full_logits else (metric.positions - pos).clamp(min=0).repeat(c)
+            read = None if one_read is None else (one_read - pos).clamp(min=0).repeat(c)
             with hooks_added(model, hooks.items()):
                 residual = run_blocks(
                     model,
@@ -646,9 +793,12 @@ def _run_fast(
                     first_alone=alone,
                     read=read,
                 )
-                values = read_metric(
-                    model, residual, metric, c, n, pos, base, at_read=not full_logits, where=where
+                logits = read_logits(
+                    model, residual, metric, c, n, pos, base, at_read=read is not None
                 )
+            # with the hooks removed, as in the reference path: a metric that runs the model
+            # itself sees the plain model
+            values = metric_values(logits, metric, c, n, where)
             results[order[done : done + c]] = values.float()
             done += c
             bar.update(c)
@@ -731,6 +881,8 @@ def _record_fast(
     # starts at the first position its runs touch (the earlier ones are the base run's).
     layers = [layer for layer, _ in record.values()]
     first, stop = min(layers), max(layers) + 1
+    # resolved before the base run, whose cached activations the budget holds too
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
     base = base_run(model, tokens)
 
     def start(items: list[_Compiled]) -> tuple[int, int]:
@@ -744,7 +896,9 @@ def _record_fast(
     itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
     recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
     per_run = bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
-    size = runs_per_chunk(model, per_run, memory_budget, max_runs_per_chunk)
+    kept = kept_bytes(base)
+    _warn_if_over_budget("record_activations", budget, memory_budget is None, kept, per_run)
+    size = runs_per_chunk(model, per_run, max(budget - kept, 0), max_runs_per_chunk)
 
     chunks = list(chunk_groups(starts, lambda start: size))
     order = _index_tensor([r for chunk in chunks for r in chunk], tokens.device)
@@ -836,6 +990,31 @@ def base_run(model: HookedTransformer, tokens: Tensor) -> BaseRun:
             base.keys[layer], base.values[layer] = entry.past_keys, entry.past_values
     base.resid[model.cfg.n_layers] = residual
     return base
+
+
+def kept_bytes(base: BaseRun) -> int:
+    """Bytes of the base run's cached activations (and of the unembedding laid out for it)
+    that a call keeps until it ends."""
+    tensors = [*base.resid.values(), *base.keys.values(), *base.values.values()]
+    tensors += [t for t in (base.shortformer_pos_embed, base.attention_mask) if t is not None]
+    tensors += list(base.unembed or ())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _warn_if_over_budget(where: str, budget: int, default: bool, kept: int, per_run: int) -> None:
+    """Warn when the memory budget cannot hold what the call keeps (``kept`` bytes) plus one run
+    (``per_run``). Called once per call from ``_run_fast`` or ``_record_fast``, so the warning
+    points at the line that called ``run_interventions`` or ``record_activations``."""
+    if kept + per_run <= budget:
+        return
+    given = "the default memory budget" if default else "memory_budget"
+    warnings.warn(
+        f"{where}: {given} of {format_bytes(budget)} cannot be met: the base run's cached "
+        f"activations take {format_bytes(kept)} and one run {format_bytes(per_run)} more; "
+        f"computing one run per forward pass (about {format_bytes(kept + per_run)})",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def runs_per_chunk(
@@ -1020,18 +1199,58 @@ def read_metric(
     """The metric [c, n] of a chunk from its final residual stream [c * n, pos..., d_model],
     which holds the positions from ``pos`` on; earlier ones are the base run's. With
     ``at_read`` (a ``Metric`` only) the residual stream holds the read positions alone.
-    ``where`` names the calling function in the error a metric of the wrong shape raises."""
+    ``where`` names the calling function in the error a metric of the wrong shape raises.
+
+    It is ``read_logits`` then ``metric_values``; a caller with hooks on the model calls the
+    first with them and the second without."""
+    logits = read_logits(model, residual, metric, c, n, pos, base, at_read=at_read)
+    return metric_values(logits, metric, c, n, where)
+
+
+def read_logits(
+    model: HookedTransformer,
+    residual: Tensor,
+    metric: MetricLike | _ProbedMetric,
+    c: int,
+    n: int,
+    pos: int,
+    base: BaseRun,
+    *,
+    at_read: bool = False,
+) -> Tensor:
+    """The logits the metric reads in a chunk, from its final residual stream as for
+    ``read_metric``: ``[c, n, d_vocab]`` at a ``Metric``'s positions, ``[c, n, k, d_vocab]`` at
+    the k positions a probed callable reads, else the full ``[c, n, n_pos, d_vocab]``."""
     final = base.resid[model.cfg.n_layers]
-    if isinstance(metric, Metric):
-        read = metric.positions.to(residual.device).repeat(c)
-        rows = torch.arange(c * n, device=residual.device)
+    if isinstance(metric, (Metric, _ProbedMetric)):
+        read = metric.positions.to(residual.device)
+        read = (read[:, None] if read.ndim == 1 else read).repeat(c, 1)  # [c * n, k]
+        rows = torch.arange(c * n, device=residual.device)[:, None]
         # an example whose read position comes before ``pos`` is unchanged by the run
-        patched = residual[:, 0] if at_read else residual[rows, (read - pos).clamp(min=0)]
+        patched = residual if at_read else residual[rows, (read - pos).clamp(min=0)]
         unchanged = final[rows % n, read]
-        read_resid = torch.where((read >= pos)[:, None], patched, unchanged)
-        logits = unembed_residual(model, read_resid[:, None, :], base)[:, 0]
-        # the metric in float32 whatever the model's dtype; its values are checked at the end
-        values = metric.at(logits.view(c, n, -1).float())
+        read_resid = torch.where((read >= pos)[..., None], patched, unchanged)
+        logits = unembed_residual(model, read_resid, base)
+        logits = logits.view(c, n, *logits.shape[1:])
+        return logits[:, :, 0] if isinstance(metric, Metric) else logits
+    residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
+    return unembed_residual(model, residual).view(c, n, *residual.shape[1:2], -1)
+
+
+def metric_values(
+    logits: Tensor,
+    metric: MetricLike | _ProbedMetric,
+    c: int,
+    n: int,
+    where: str = "run_interventions",
+) -> Tensor:
+    """The metric [c, n] of a chunk's logits from ``read_logits``, computed in float32 whatever
+    the model's dtype; the values are checked for their shape here and for being finite at the
+    end of the call."""
+    if isinstance(metric, _ProbedMetric):
+        return metric.at(logits.float())
+    if isinstance(metric, Metric):
+        values = metric.at(logits.float())
         if not isinstance(values, Tensor) or values.numel() != c * n:
             if c == 1 or not isinstance(values, Tensor) or values.ndim == 0:
                 check_metric_values(values, n, where)  # raises, saying what the metric returned
@@ -1040,9 +1259,149 @@ def read_metric(
                 f"[..., n]; on logits [{c}, {n}, d_vocab] it returned {tuple(values.shape)}"
             )
         return values
-    residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
-    logits = unembed_residual(model, residual).view(c, n, *residual.shape[1:2], -1)
     return torch.stack([check_metric_values(metric(logits[k].float()), n, where) for k in range(c)])
+
+
+@dataclass(frozen=True, eq=False)
+class _ProbedMetric:
+    """A plain callable metric that reads only ``positions`` of the logits (``_probed_metric``).
+
+    ``at`` writes each run's logits at those positions into ``logits``, which holds NaN at
+    every other position, and calls the metric on it: what the probe confirmed gives the same
+    values as the full logits."""
+
+    fn: Callable[[Tensor], Tensor]
+    positions: Int[Tensor, "n k"]
+    logits: Float[Tensor, "n pos d_vocab"]
+    where: str
+
+    def at(self, logits_at: Float[Tensor, "c n k d_vocab"]) -> Float[Tensor, "c n"]:
+        n = self.positions.shape[0]
+        rows = torch.arange(n, device=self.positions.device)[:, None]
+        values = []
+        for run_logits in logits_at:
+            self.logits[rows, self.positions] = run_logits
+            value = check_metric_values(self.fn(self.logits), n, self.where)
+            # a copy: the metric may return a view of ``logits``, which the next run overwrites
+            values.append(value.to(torch.float32, copy=True))
+        return torch.stack(values)
+
+
+def _probed_metric(
+    model: HookedTransformer,
+    metric: Callable[[Tensor], Tensor],
+    base: BaseRun,
+    n: int,
+    where: str,
+) -> Callable[[Tensor], Tensor] | _ProbedMetric:
+    """``metric`` as a ``_ProbedMetric`` when it is confirmed to read only some positions of the
+    logits; else ``metric`` itself, after a warning of what full logits cost.
+
+    The candidate positions are those where the metric's gradient with respect to the base
+    run's logits is not zero (in any example: each keeps its own, padded to the largest count
+    by repeating one). They are confirmed when the metric gives exactly its values on the base
+    logits with every other position set to random values, and again set to NaN."""
+    logits = unembed_residual(model, base.resid[model.cfg.n_layers], base).float()
+    n_pos = logits.shape[1]
+    # the metric's shape is checked first, before any patched run; a copy, so that a metric
+    # that changes its input leaves these logits as they are
+    values = check_metric_values(metric(logits.clone()), n, where)
+    reads = _gradient_reads(metric, logits)
+    if reads is None:
+        reason = "cannot be differentiated, so which positions of the logits it reads is unknown"
+    else:
+        counts = reads.sum(dim=1)
+        k = max(1, int(counts.max()))
+        if k == n_pos and n_pos > 1:
+            reason = "reads every position of the logits"
+        else:
+            # each example's read positions in order, then its first one again as padding
+            order = torch.argsort((~reads).to(torch.int8), dim=1, stable=True)[:, :k]
+            first = torch.where(counts > 0, order[:, 0], n_pos - 1)
+            padding = torch.arange(k, device=order.device)[None, :] >= counts[:, None]
+            positions = torch.where(padding, first[:, None], order)
+            buffer = _confirmed_buffer(metric, logits, positions, values)
+            if buffer is not None:
+                return _ProbedMetric(metric, positions, buffer, where)
+            reason = "reads positions of the logits where its gradient is zero"
+    base.unembed = None  # the full logits are unembedded as the reference path does
+    warnings.warn(
+        f"{where}: the metric {reason}; computing full logits (about "
+        f"{_full_logits_cost(model, n_pos):.1f}x slower); pass a ck.metrics.Metric to read "
+        "only some",
+        UserWarning,
+        stacklevel=3,
+    )
+    return metric
+
+
+def _gradient_reads(
+    metric: Callable[[Tensor], Tensor], logits: Float[Tensor, "n pos d_vocab"]
+) -> Bool[Tensor, "n pos"] | None:
+    """Where the metric's gradient with respect to ``logits`` is not zero, for each example and
+    position; None when the metric's values have no gradient or computing it fails."""
+    n = logits.shape[0]
+    generator = torch.Generator(device=logits.device).manual_seed(0)
+    # random positive weights per example, so that examples' gradients cannot cancel where
+    # one example's value reads another's logits
+    weights = torch.rand(n, generator=generator, device=logits.device) + 0.5
+    leaf = logits.detach().requires_grad_()
+    try:
+        with torch.enable_grad():
+            values = metric(leaf.clone())
+            if not isinstance(values, Tensor) or not values.requires_grad:
+                return None
+            weighted = (values.float() * weights.to(values.device)).sum()
+            (grad,) = torch.autograd.grad(weighted, leaf, allow_unused=True)
+    except Exception:  # a metric that works only without autograd (numpy, in-place ops)
+        return None
+    return None if grad is None else grad.ne(0).any(dim=-1)
+
+
+def _confirmed_buffer(
+    metric: Callable[[Tensor], Tensor],
+    logits: Float[Tensor, "n pos d_vocab"],
+    positions: Int[Tensor, "n k"],
+    values: Tensor,
+) -> Tensor | None:
+    """Logits [n, pos, d_vocab] that hold NaN except at ``positions`` (zero there), if the
+    metric gives exactly ``values`` on ``logits`` kept at ``positions`` alone, the rest set to
+    random values and then to NaN; None if it does not."""
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    kept = logits[rows, positions]
+    buffer = torch.empty_like(logits)
+    generator = torch.Generator(device=logits.device).manual_seed(0)
+    scale = 10 * float(logits.std()) + 1  # random logits larger than the real ones
+    for fill in ("random", "nan"):
+        if fill == "random":
+            buffer.normal_(0.0, scale, generator=generator)
+        else:
+            buffer.fill_(math.nan)
+        buffer[rows, positions] = kept
+        try:
+            got = metric(buffer)
+        except Exception:  # a metric that checks its input is finite, say
+            return None
+        if not isinstance(got, Tensor) or got.shape != values.shape:
+            return None
+        if got.device != values.device or not torch.equal(got, values):
+            return None
+    buffer.fill_(math.nan)
+    buffer[rows, positions] = 0.0
+    return buffer
+
+
+def _full_logits_cost(model: HookedTransformer, n_pos: int) -> float:
+    """About how many times the work of a sweep with one read position per example the same
+    sweep takes with full logits: multiply-adds per run, a run computing half the blocks."""
+    cfg = model.cfg
+    d_mlp = 0 if cfg.attn_only else (cfg.d_mlp or 4 * cfg.d_model)
+    block = 4 * cfg.d_model * cfg.n_heads * cfg.d_head + (3 if cfg.gated_mlp else 2) * (
+        cfg.d_model * d_mlp
+    )
+    unembed = cfg.d_model * cfg.d_vocab
+    blocks_work = n_pos * cfg.n_layers / 2 * block
+    return (blocks_work + n_pos * unembed) / (blocks_work + unembed)
 
 
 def unembed_residual(
