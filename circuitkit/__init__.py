@@ -10,6 +10,8 @@ Example::
 """
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from circuitkit import _moved
@@ -166,6 +168,20 @@ _MODULES = {
 }
 
 _moved.install()
+
+
+class _Package(types.ModuleType):
+    """The package module. Importing an old flat path that is also a public name
+    (``import circuitkit.path_patching``) binds the module to the package's attribute; the
+    public function of that name stays."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

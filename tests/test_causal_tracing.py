@@ -9,6 +9,7 @@ import warnings
 import plotly.graph_objects as go
 import pytest
 import torch
+from _device import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +34,23 @@ HOOK = {
     "attn": "blocks.{}.hook_attn_out",
 }
 EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+# These tests read words of the smollm2 tokenizer (its BOS, how " Paris" and the subjects
+# split), so their tiny GPT-2-like model uses it.
+@pytest.fixture
+def tiny_gpt2():
+    return ck.tiny_model("gpt2", tokenizer="smollm2").to(DEVICE)
+
+
+@pytest.fixture
+def tiny_attn_only():
+    return ck.tiny_model("attn-only", tokenizer="smollm2").to(DEVICE)
+
+
+@pytest.fixture
+def tiny_llama():
+    return ck.tiny_model("llama", tokenizer="smollm2").to(DEVICE)
 
 
 def bare_model(kind: str, seed: int = 0):
@@ -114,10 +132,11 @@ def test_token_probability_per_example_target_and_strings(tiny_gpt2):
 def test_token_probability_errors(tiny_gpt2):
     before = snapshot(tiny_gpt2)
     tokens = tiny_gpt2.to_tokens("The capital of France is")
+    vocab = tiny_gpt2.cfg.d_vocab
     with pytest.raises(
-        TokenizationError, match=r"token id 49152, outside the vocabulary 0\.\.49151"
+        TokenizationError, match=rf"token id {vocab}, outside the vocabulary 0\.\.{vocab - 1}"
     ):
-        ck.trace_token_probability(tiny_gpt2, tokens, 49152)
+        ck.trace_token_probability(tiny_gpt2, tokens, vocab)
     with pytest.raises(TokenizationError, match=r"token id -1"):
         ck.trace_token_probability(tiny_gpt2, tokens, -1)
     with pytest.raises(TokenizationError, match=r"' Parisian Louvre' is \d tokens"):
@@ -244,7 +263,7 @@ def test_neuron_intervention_errors(tiny_gpt2, tiny_attn_only):
         ck.intervene_on_neuron(tiny_gpt2, tokens, 0, 1, positions=[9])
     with pytest.raises(ComponentError, match="attention-only"):
         ck.intervene_on_neuron(tiny_attn_only, tokens, 0, 1)
-    with pytest.raises(CircuitkitError, match="scale must be a number"):
+    with pytest.raises(CircuitkitError, match="scale must be a finite number"):
         ck.intervene_on_neuron(tiny_gpt2, tokens, 0, 1, "half")
     assert_unchanged(tiny_gpt2, before)
 
@@ -419,7 +438,8 @@ def test_causal_trace_errors(tiny_gpt2, tiny_attn_only):
         ck.causal_trace(tiny_gpt2, EIFFEL, "Louvre", " Paris")
     with pytest.raises(TokenizationError, match=r"target ' Parisian Louvre' is \d tokens"):
         ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", " Parisian Louvre")
-    with pytest.raises(TokenizationError, match=r"outside the vocabulary 0\.\.49151"):
+    vocab = tiny_gpt2.cfg.d_vocab
+    with pytest.raises(TokenizationError, match=rf"outside the vocabulary 0\.\.{vocab - 1}"):
         ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", 10**6)
     with pytest.raises(CircuitkitError, match="kind must be one of"):
         ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", " Paris", kind="heads")

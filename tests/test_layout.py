@@ -183,6 +183,15 @@ def test_an_old_module_attribute_warns():
         ck.nonsense  # noqa: B018
 
 
+@pytest.mark.parametrize("old", ["circuitkit.path_patching", "circuitkit.plot"])
+def test_importing_an_old_path_keeps_the_public_function(old):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sys.modules.pop(old, None)
+        importlib.import_module(old)
+    assert callable(getattr(ck, old.split(".")[1]))
+
+
 def test_old_names_import_from_old_paths():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

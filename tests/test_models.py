@@ -171,7 +171,7 @@ def valid_cache(tmp_path_factory):
     """A cache that the fake conversion filled, built once per module: copy it, don't edit it."""
     state = types.SimpleNamespace(
         calls=[],
-        reference=ck.tiny_model("llama", seed=3),
+        reference=ck.tiny_model("llama", seed=3, tokenizer="smollm2"),
         tokenizer=models.load_tokenizer(),
     )
     cache = tmp_path_factory.mktemp("valid") / "cache"
@@ -189,7 +189,7 @@ def fake_conversion(monkeypatch, tmp_path, valid_cache):
     """
     state = types.SimpleNamespace(
         calls=[],
-        reference=ck.tiny_model("llama", seed=3),
+        reference=ck.tiny_model("llama", seed=3, tokenizer="smollm2"),
         tokenizer=models.load_tokenizer(),  # from the real cache, before it is redirected
         real_cache=models._cache_root(),
         entry=tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}" / "model",

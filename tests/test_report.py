@@ -14,7 +14,6 @@ from _browser import figures_rendered, render
 from _device import DEVICE
 
 import circuitkit as ck
-from circuitkit.core import models
 from circuitkit.interface.ioi_report import ioi_report, ioi_study
 from circuitkit.interface.report import FIGURE_WIDTH, Report
 from circuitkit.interface.trace_report import trace_report
@@ -144,7 +143,7 @@ def colour_name(rgb):
 
 @pytest.fixture(scope="module")
 def ioi_page():
-    model = models.tiny_model("gpt2").to(DEVICE)
+    model = ck.tiny_model("gpt2").to(DEVICE)
     ds = ck.IOIDataset(model, n=8, seed=1)
     study = ioi_study(model, ds, discover_n=8, patch_n=4, sweeps=("head",), progress=False)
     return study, ioi_report(study, model_name="tiny")
