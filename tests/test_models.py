@@ -110,6 +110,7 @@ def test_corrupt_copy_of_the_real_cache_is_rebuilt(smollm, fake_conversion):
 
 CONCURRENT_LOAD = """
 import logging, sys, torch
+import circuitkit as ck
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 model = ck.load_model("smollm2-135m", device="cpu")
 with torch.no_grad():
