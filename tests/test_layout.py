@@ -129,6 +129,21 @@ def test_no_function_level_imports_of_circuitkit():
     assert lazy == []
 
 
+def test_only_the_lens_module_imports_transformer_lens():
+    found = []
+    for name, tree in MODULES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            if any(module.split(".")[0] == "transformer_lens" for module in modules):
+                found.append(name)
+    assert found and set(found) == {"circuitkit.core.lens"}
+
+
 def test_no_module_imports_another_modules_private_names():
     private = []
     for name, tree in MODULES.items():

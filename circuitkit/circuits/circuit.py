@@ -15,11 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformer_lens import HookedTransformer
-
 from circuitkit.core.components import MLP, Component, Head
 from circuitkit.core.errors import ComponentError
 from circuitkit.core.graph import Edge
+from circuitkit.core.lens import HookedTransformer
 
 #: The classes of heads in the IOI paper's circuit (any other label is allowed too).
 IOI_CLASSES: tuple[str, ...] = (

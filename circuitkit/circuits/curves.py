@@ -43,7 +43,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
 from circuitkit.circuits.faithfulness import AblatedRun, AblatedRuns, Ablation, check_ablation
@@ -53,6 +52,7 @@ from circuitkit.core.errors import CircuitkitError, ComponentError
 from circuitkit.core.graph import EdgeScores, Graph, check_graph_metric
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 
 #: The fractions of edges (or nodes) MIB evaluates circuits at.

@@ -61,7 +61,6 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
 from circuitkit.core import provenance
@@ -78,6 +77,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 from circuitkit.methods.ablation import template_groups
 from circuitkit.methods.attribution_patching import edge_attribution_patching

@@ -68,7 +68,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.circuits.circuit import Circuit
 from circuitkit.core import provenance
@@ -78,6 +77,7 @@ from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.graph import LOGITS, Graph, SenderOutputs, sender_outputs
 from circuitkit.core.inputs import as_tokens, default_metric
 from circuitkit.core.interventions import Intervention, MetricLike, SetTo, Value, Zero
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result, bootstrap_interval
 from circuitkit.methods.ablation import AblationMethod, check_method, template_groups
 from circuitkit.methods.edge_patching import patch_edges

@@ -17,7 +17,6 @@ from typing import Any, cast
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
 from circuitkit.core import provenance
@@ -27,6 +26,7 @@ from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.graph import Edge
 from circuitkit.core.inputs import as_tokens, default_metric
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 from circuitkit.methods.attention_scores import attention_head_scores, attention_scores
 from circuitkit.methods.path_patching import path_patching

@@ -29,20 +29,21 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.components import (
+
+from circuitkit.core.lens import (
+    MLP,
+    POST_NORM_ARCHITECTURES,
     Attention,
+    GatedMLP,
     GroupedQueryAttention,
+    HookPoint,
     LayerNorm,
     LayerNormPre,
     RMSNorm,
     RMSNormPre,
     TransformerBlock,
+    softcap_enabled,
 )
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.components.mlps.mlp import MLP
-from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
-from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities.activation_functions import softcap_enabled
 
 _ACTIVATIONS = {
     # TransformerLens's name: the same function as one kernel

@@ -45,9 +45,9 @@ from typing import Literal, Union
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core.errors import ComponentError
+from circuitkit.core.lens import HookedTransformer
 
 PosSpec = Union[None, int, slice, tuple, str]  # noqa: UP007 (a runtime alias on 3.10)
 

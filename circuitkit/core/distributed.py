@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import engine
 from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.interventions import Intervention, MetricLike, Run
+from circuitkit.core.lens import HookedTransformer
 
 
 def run_interventions(

@@ -66,9 +66,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.utils import apply_softcap
 
 from circuitkit.core import blocks
 from circuitkit.core.components import Component, selection_mask
@@ -87,6 +84,7 @@ from circuitkit.core.interventions import (
     apply_value,
     value_tensor,
 )
+from circuitkit.core.lens import HookedTransformer, TransformerLensKeyValueCacheEntry, apply_softcap
 from circuitkit.core.metrics import Metric, check_metric_output
 
 

@@ -37,13 +37,12 @@ from typing import Any, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from circuitkit.core.components import MLP, Component, Embed, Head, Resid
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import POST_NORM_ARCHITECTURES, HookedTransformer, HookedTransformerConfig
 from circuitkit.core.metrics import Metric
 from circuitkit.core.results import Result
 

@@ -67,11 +67,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformer_lens.loading_from_pretrained as tl_loading
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
+from circuitkit.core import lens
 from circuitkit.core.errors import ModelLoadError
 from circuitkit.core.files import (
     fsync_file,
@@ -80,6 +79,7 @@ from circuitkit.core.files import (
     remove_path,
     sibling_owner,
 )
+from circuitkit.core.lens import HookedTransformer, HookedTransformerConfig
 
 try:
     import fcntl
@@ -371,7 +371,7 @@ def _load_from_hub(
 ) -> HookedTransformer:
     from huggingface_hub import constants
 
-    aliases = tl_loading.make_model_alias_map()
+    aliases = lens.loading.make_model_alias_map()
     official_name = aliases.get(name.lower())
     if official_name is None:
         close = difflib.get_close_matches(name.lower(), [*aliases, *OFFLINE_MODELS], n=3)
@@ -451,7 +451,7 @@ def _hf_to_transformer_lens(
     # because it also guesses the architecture from words in the path ("llama", "gemma").
     with tempfile.TemporaryDirectory(prefix="circuitkit-config-") as config_folder:
         (Path(config_folder) / "config.json").write_text(json.dumps(hf_config))
-        cfg = tl_loading.get_pretrained_model_config(
+        cfg = lens.loading.get_pretrained_model_config(
             config_folder,
             hf_cfg=hf_config,
             fold_ln=False,
@@ -459,7 +459,7 @@ def _hf_to_transformer_lens(
             dtype=torch.float32,
             default_prepend_bos=True,
         )
-        state_dict = tl_loading.get_pretrained_state_dict(
+        state_dict = lens.loading.get_pretrained_state_dict(
             config_folder, cfg, hf_model, dtype=torch.float32
         )
     cfg_dict = _config_fields(cfg)
@@ -771,11 +771,10 @@ def _move_into_place(staging: Path, entry: Path, meta: dict[str, Any]) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import transformer_lens
     import transformers
 
     return {
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": lens.VERSION,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as bpe_models
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from circuitkit.core.errors import CircuitkitError
+from circuitkit.core.lens import HookedTransformer, HookedTransformerConfig
 from circuitkit.core.models import load_tokenizer
 from circuitkit.data.facts import FACTS
 from circuitkit.data.ioi import NAMES, OBJECTS, PLACES, TEMPLATES

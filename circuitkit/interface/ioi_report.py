@@ -16,13 +16,13 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedTransformer
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
 from circuitkit.circuits.faithfulness import Faithfulness, faithfulness
 from circuitkit.circuits.ioi_circuit import find_ioi_circuit
 from circuitkit.core import metrics
 from circuitkit.core.errors import CircuitkitError
+from circuitkit.core.lens import ActivationCache, HookedTransformer
 from circuitkit.core.metrics import logit_diff
 from circuitkit.core.results import Result
 from circuitkit.data.ioi import IOIDataset

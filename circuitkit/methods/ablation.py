@@ -35,7 +35,6 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import Component, Neuron, all_components
@@ -43,6 +42,7 @@ from circuitkit.core.engine import run_interventions
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_index_list, as_tokens, default_metric, token_labels
 from circuitkit.core.interventions import Intervention, MetricLike, Patch, SetTo, Value, Zero
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 
 

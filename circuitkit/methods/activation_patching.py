@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import Component, Head, all_components
@@ -39,6 +38,7 @@ from circuitkit.core.inputs import (
     token_labels,
 )
 from circuitkit.core.interventions import Intervention, MetricLike, Patch
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 
 Direction = Literal["denoise", "noise"]

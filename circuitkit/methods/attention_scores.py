@@ -27,13 +27,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import Head
 from circuitkit.core.engine import bytes_per_run, default_memory_budget, hooks_added
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_tokens
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 
 PositionSpec = str | int | Int[Tensor, "n"]

@@ -53,7 +53,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import (
@@ -85,6 +84,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 from circuitkit.core.results import Result
 from circuitkit.methods.activation_patching import sweep_cells

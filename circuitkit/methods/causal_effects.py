@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import (
@@ -35,6 +34,7 @@ from circuitkit.core.engine import run_interventions
 from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.inputs import as_tokens, check_same_shape, token_labels
 from circuitkit.core.interventions import Intervention, Patch
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import Metric
 from circuitkit.core.results import Result
 from circuitkit.methods.tracing_inputs import (

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import (
@@ -43,6 +42,7 @@ from circuitkit.core.engine import run_interventions
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError, TokenizationError
 from circuitkit.core.inputs import token_labels
 from circuitkit.core.interventions import Add, Intervention, Patch
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
 from circuitkit.methods.tracing_inputs import (
     Kind,

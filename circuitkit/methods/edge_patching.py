@@ -29,7 +29,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.core.components import MLP, Component, Embed, Head, Resid, input_hook_name
 from circuitkit.core.engine import (
@@ -56,6 +55,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.interventions import MetricLike
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import check_metric_output, select_examples
 
 EdgeRun = Union[Collection[Edge], Tensor]  # noqa: UP007 (a runtime alias on 3.10)

@@ -39,12 +39,11 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedTransformer
-from transformer_lens.utilities import get_act_name
 
 from circuitkit.core import provenance
 from circuitkit.core.components import MLP, Attn, Embed, Head, Neuron, PosEmbed, Resid
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.lens import ActivationCache, HookedTransformer, get_act_name
 from circuitkit.core.results import Result
 
 AttributionBy = Literal["layer", "head", "neuron", "component"]

@@ -16,13 +16,13 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core.components import (
     Neuron,
     selection_mask,
 )
 from circuitkit.core.errors import CircuitkitError, ComponentError
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.methods.tracing_inputs import (
     as_input_ids,
     checked_positions,

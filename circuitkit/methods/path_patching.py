@@ -46,7 +46,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from circuitkit.core import provenance
 from circuitkit.core.components import (
@@ -63,6 +62,7 @@ from circuitkit.core.engine import default_memory_budget, record_activations, ru
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import Intervention, MetricLike, Patch
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import Metric, check_metric_output
 from circuitkit.core.results import Result
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from circuitkit.core.components import (
     MLP,
@@ -30,6 +29,7 @@ from circuitkit.core.errors import (
     TokenizationError,
     TokenizationWarning,
 )
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import Metric
 
 Kind = Literal["resid", "mlp", "attn"]
