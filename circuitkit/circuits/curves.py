@@ -116,8 +116,8 @@ def faithfulness_curve(
     if not isinstance(absolute, bool):
         raise CircuitkitError(f"{where}: absolute must be True or False, got {absolute!r}")
     choice = check_ablation(ablation, where, level=level)
-    clean_tokens, _ = as_tokens(clean, "clean", where)
-    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where)
+    clean_tokens, _ = as_tokens(clean, "clean", where, model=model)
+    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), where)
     metric = default_metric(metric, clean, where)
     check_graph_metric(metric, clean_tokens.shape[0], where)

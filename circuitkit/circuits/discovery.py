@@ -192,8 +192,8 @@ def discover_circuit(
             f"(each prompt's corrupted twin), got {ablation!r}"
         )
     graph = Graph.of(model, where)
-    clean_tokens, _ = as_tokens(clean, "clean", where)
-    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where)
+    clean_tokens, _ = as_tokens(clean, "clean", where, model=model)
+    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), where)
     metric = default_metric(metric, clean, where)
     n = clean_tokens.shape[0]

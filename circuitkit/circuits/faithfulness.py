@@ -290,7 +290,7 @@ def _paired_tokens(tokens: Tensor, corrupted: Any, where: str) -> Tensor:
             f"{where}: corrupted ablation needs the paired corrupted prompts (for IOI, "
             "ds.corrupted('ABC')), one per clean prompt"
         )
-    paired, _ = as_tokens(corrupted, "corrupted", where)
+    paired, _ = as_tokens(corrupted, "corrupted", where, model=model)
     if paired.shape != tokens.shape:
         raise ShapeError(
             f"{where}: corrupted ablation patches each prompt's own corrupted prompt, so the "
@@ -306,7 +306,7 @@ def _reference_tokens(tokens: Tensor, reference: Any, ablation: Ablation, where:
             f"{where}: {ablation.value} ablation needs reference=..., the dataset or tokens "
             "whose activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
         )
-    ref_tokens, _ = as_tokens(reference, "reference", where)
+    ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
     if ref_tokens.shape[1] != tokens.shape[1]:
         raise ShapeError(
             f"{where}: reference has {ref_tokens.shape[1]} positions but ds has "
@@ -380,7 +380,7 @@ class AblatedRuns:
     ) -> AblatedRuns:
         """The ablation's values for ``ds`` (``ablated_outputs``): from ``reference`` (mean,
         resample), ``corrupted`` (corrupted) or none (zero)."""
-        tokens, positions = as_tokens(ds, "ds", where)
+        tokens, positions = as_tokens(ds, "ds", where, model=model)
         metric = default_metric(metric, ds, where)
         graph = Graph.of(model, where) if ablation.level == "edge" else None
         draws = ablated_outputs(
@@ -609,7 +609,7 @@ def _circuit_runs(
         circuit.validate(model)
     except ComponentError as error:
         raise ComponentError(f"{where}: {error}") from None
-    tokens, positions = as_tokens(ds, "ds", where)
+    tokens, positions = as_tokens(ds, "ds", where, model=model)
     n, n_pos = tokens.shape
     for node in circuit.nodes:
         position_mask(node.head, n, n_pos, positions)

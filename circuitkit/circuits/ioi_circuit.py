@@ -108,7 +108,7 @@ def find_ioi_circuit(
             f"{z_threshold!r} "
             f"and {max_per_class!r}"
         )
-    tokens, positions = as_tokens(ds, "ds", where)
+    tokens, positions = as_tokens(ds, "ds", where, model=model)
     missing = {"IO", "S1", "S1+1", "S2", "start", "end"} - set(positions or {})
     if missing:
         raise CircuitkitError(

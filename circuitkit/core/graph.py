@@ -428,7 +428,7 @@ def sender_outputs(model: HookedTransformer, data: Any | Int[Tensor, "n pos"]) -
 
         mean = ck.sender_outputs(model, ds.corrupted("ABC")).mean()   # for mean ablation
     """
-    tokens, _ = as_tokens(data, "data", "sender_outputs")
+    tokens, _ = as_tokens(data, "data", "sender_outputs", model=model)
     n_layers = model.cfg.n_layers
     embed_name = Resid(0, "pre").hook_name(model)
     z_names = [Head(layer, 0).hook_name(model) for layer in range(n_layers)]

@@ -109,7 +109,7 @@ def ablate(
     """
     where = "ablate"
     method = check_method(method, where)
-    tokens, positions = as_tokens(ds, "ds", where)
+    tokens, positions = as_tokens(ds, "ds", where, model=model)
     metric = default_metric(metric, ds, where)
     chosen = _expand(model, components, keep, where)
     draws = ablation_values(
@@ -207,7 +207,7 @@ def ablation_sweep(
     """
     where = "ablation_sweep"
     method = check_method(method, where)
-    tokens, word_positions = as_tokens(ds, "ds", where)
+    tokens, word_positions = as_tokens(ds, "ds", where, model=model)
     metric = default_metric(metric, ds, where)
     components, axes, labels = _sweep_components(model, component, layer, layers, where)
     _validate(model, components, where)
@@ -412,7 +412,7 @@ def ablation_values(
             f"{where}: {method.value} ablation needs reference=..., the dataset or tokens whose "
             "activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
         )
-    ref_tokens, _ = as_tokens(reference, "reference", where)
+    ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
     if ref_tokens.shape[1] != tokens.shape[1]:
         raise ShapeError(
             f"{where}: reference has {ref_tokens.shape[1]} positions but ds has "

@@ -97,8 +97,8 @@ def activation_patching(
     where = "activation_patching"
     if direction not in ("denoise", "noise"):
         raise CircuitkitError(f"{where}: direction must be 'denoise' or 'noise', got {direction!r}")
-    clean_tokens, clean_positions = as_tokens(clean, "clean", where)
-    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", where)
+    clean_tokens, clean_positions = as_tokens(clean, "clean", where, model=model)
+    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", where, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), where)
     metric = default_metric(metric, clean, where)
     word_positions = clean_positions if clean_positions is not None else corrupted_positions

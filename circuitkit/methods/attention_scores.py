@@ -72,7 +72,7 @@ def attention_scores(
         ck.attention_scores(model, ds, "S2", ["S1", "S1+1"], heads=[ck.Head(17, 4)])
     """
     where = "attention_scores"
-    tokens, positions = as_tokens(ds, "ds", where)
+    tokens, positions = as_tokens(ds, "ds", where, model=model)
     n, n_pos = tokens.shape
     key_list = [keys] if isinstance(keys, (str, int, Tensor)) else list(keys)
     if not key_list:
@@ -135,7 +135,7 @@ def attention_head_scores(
         scores.values[..., 2].flatten().topk(5)     # the most induction-like heads
     """
     where = "attention_head_scores"
-    tokens, positions = as_tokens(ds, "ds", where)
+    tokens, positions = as_tokens(ds, "ds", where, model=model)
     n, n_pos = tokens.shape
     words = ("S1", "S1+1", "S2", "start", "end")
     index = {w: _resolve(w, positions, n, n_pos, where) for w in words}

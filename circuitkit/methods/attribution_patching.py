@@ -144,8 +144,8 @@ def attribution_patching(
         )
     if direction not in ("denoise", "noise"):
         raise CircuitkitError(f"{where}: direction must be 'denoise' or 'noise', got {direction!r}")
-    clean_tokens, clean_positions = as_tokens(clean, "clean", where)
-    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", where)
+    clean_tokens, clean_positions = as_tokens(clean, "clean", where, model=model)
+    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", where, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), where)
     metric = default_metric(metric, clean, where)
     check_graph_metric(metric, clean_tokens.shape[0], where)
@@ -253,8 +253,8 @@ def edge_attribution_patching(
     if direction not in ("denoise", "noise"):
         raise CircuitkitError(f"{where}: direction must be 'denoise' or 'noise', got {direction!r}")
     graph = Graph.of(model, where)
-    clean_tokens, _ = as_tokens(clean, "clean", where)
-    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where)
+    clean_tokens, _ = as_tokens(clean, "clean", where, model=model)
+    corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), where)
     metric = default_metric(metric, clean, where)
     check_graph_metric(metric, clean_tokens.shape[0], where)

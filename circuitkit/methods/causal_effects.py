@@ -247,7 +247,7 @@ def _effect_tokens(model: HookedTransformer, data: Any, name: str, where: str) -
     if isinstance(data, str):
         tokens, _ = as_input_ids(model, data, where)
         return tokens
-    tokens, _ = as_tokens(data, name, where)
+    tokens, _ = as_tokens(data, name, where, model=model)
     check_token_ids(model, tokens, name, where)
     return tokens.to(model.cfg.device)
 

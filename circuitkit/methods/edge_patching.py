@@ -102,7 +102,7 @@ def patch_edges(
     """
     where = "patch_edges"
     graph = Graph.of(model, where)
-    tokens, _ = as_tokens(base, "base", where)
+    tokens, _ = as_tokens(base, "base", where, model=model)
     tokens = tokens.to(model.cfg.device)
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ShapeError(

@@ -133,8 +133,8 @@ def path_patching(
         raise CircuitkitError(
             f"{_WHERE}: direction must be 'noise' or 'denoise', got {direction!r}"
         )
-    clean_tokens, clean_positions = as_tokens(clean, "clean", _WHERE)
-    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", _WHERE)
+    clean_tokens, clean_positions = as_tokens(clean, "clean", _WHERE, model=model)
+    corrupted_tokens, corrupted_positions = as_tokens(corrupted, "corrupted", _WHERE, model=model)
     check_same_shape(clean_tokens, corrupted_tokens, ("clean", "corrupted"), _WHERE)
     metric = default_metric(metric, clean, _WHERE)
     if isinstance(metric, Metric) and metric.n != clean_tokens.shape[0]:
