@@ -4,6 +4,7 @@ and identities that pin down what a direct path is."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -396,3 +397,33 @@ def test_baseline_is_the_unpatched_base_run_and_top_ranks_changes(tiny_gpt2, dir
     layer, head = divmod(int(best), tiny_gpt2.cfg.n_heads)
     assert cell == {"layer": layer, "head": head}
     assert effect == pytest.approx(float(change.mean(-1).flatten()[best]), abs=1e-5)
+
+
+@pytest.mark.parametrize("memory_budget", [None, 1])
+def test_baseline_to_a_head_receiver_is_the_unpatched_run(tiny_gpt2, memory_budget):
+    # the fast path computes the baseline in its first chunk of receiver runs; a budget of one
+    # byte makes one chunk per sender, so senders of later chunks are checked too
+    clean, corrupted, metric, _ = random_pair(tiny_gpt2, seed=11)
+    receivers = [ck.Head(1, 0).q, ck.Head(1, 1).v]
+    kwargs = dict(direction="denoise", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a one-byte budget cannot be met, and says so
+        fast = ck.path_patching(
+            tiny_gpt2,
+            clean,
+            corrupted,
+            "heads",
+            receivers,
+            metric,
+            memory_budget=memory_budget,
+            **kwargs,
+        )
+    slow = ck.path_patching(
+        tiny_gpt2, clean, corrupted, "heads", receivers, metric, reference=True, **kwargs
+    )
+    with torch.no_grad():
+        expected = metric(tiny_gpt2(corrupted.tokens))
+    assert_close(fast.baseline(), expected, atol=1e-5, rtol=0)
+    assert_close(fast.examples, slow.examples, atol=1e-5, rtol=0)
+    # senders in the receivers' layer or later reach them through no path: the base value
+    assert_close(fast.examples[1:], expected.expand_as(fast.examples[1:]), atol=1e-5, rtol=0)

@@ -167,8 +167,12 @@ def path_patching(
             examples = _path_patching_reference(
                 model, base, source, experiments, receiver_list, metric, positions, progress, desc
             )
+            # the unpatched base run, which every patch's effect is measured from
+            baseline = run_interventions(
+                model, base, [[]], metric, positions=positions, reference=True, progress=False
+            )[0]
         else:
-            examples = _path_patching_fast(
+            examples, baseline = _path_patching_fast(
                 model,
                 base,
                 source,
@@ -180,10 +184,6 @@ def path_patching(
                 progress,
                 desc,
             )
-        # the unpatched base run, which every patch's effect is measured from
-        baseline = run_interventions(
-            model, base, [[]], metric, positions=positions, reference=reference, progress=False
-        )[0]
     shape = [len(labels[a]) for a in axes]
     made = provenance.record(
         model,
@@ -346,7 +346,9 @@ def _path_patching_fast(
     memory_budget: int | None,
     progress: bool,
     desc: str,
-) -> Float[Tensor, "experiment n"]:
+) -> tuple[Float[Tensor, "experiment n"], Float[Tensor, " n"]]:
+    """``(examples, baseline)``: each experiment's metric per example, and the unpatched base
+    run's, which one of the batched calls computes beside the patched runs."""
     n_layers = model.cfg.n_layers
     n = base.shape[0]
     reach = max(_receiving_layer(model, r) for r in receivers)
@@ -355,10 +357,10 @@ def _path_patching_fast(
     without_path = [i for i, yes in enumerate(has_path) if not yes]
 
     examples = torch.empty(len(experiments), n)
-    if without_path:  # their recorded inputs are the base run's: the base run's metric
-        examples[without_path] = run_interventions(model, base, [[]], metric, progress=False)
-    if not with_path:
-        return examples
+    if not with_path:  # every recorded input is the base run's: the base run's metric
+        baseline = run_interventions(model, base, [[]], metric, positions=positions, progress=False)
+        examples[:] = baseline
+        return examples, baseline[0]
 
     groups = [experiments[i] for i in with_path]
     held_layers = range(min(c.layer for g in groups for c in g) + 1, min(reach, n_layers))
@@ -381,17 +383,20 @@ def _path_patching_fast(
     budget = memory_budget if memory_budget is not None else default_memory_budget(model)
     if receivers == [Resid(n_layers - 1, "post")]:
         # Step 2 would put back step 1's whole final residual stream: read the metric in step 1.
-        examples[with_path] = run_interventions(
+        # The first run is the unpatched base run.
+        values = run_interventions(
             model,
             base,
-            step1,
+            [[], *step1],
             metric,
             positions=positions,
             memory_budget=budget,
             progress=progress,
             desc=desc,
         )
-        return examples
+        examples[with_path] = values[1:]
+        examples[without_path] = values[0]  # their recorded inputs are the base run's
+        return examples, values[0]
 
     # Step 1 keeps every experiment's receiver activations until step 2 has used them; bound
     # that memory by taking the experiments in chunks (half the budget each for the
@@ -403,7 +408,9 @@ def _path_patching_fast(
         base_cache[name].numel() * base_cache[name].element_size()
         for name in {r.hook_name(model) for r in receivers}
     )
-    chunk_size = max(1, int(budget // 2 // recorded_bytes))
+    half = max(1, budget // 2)
+    chunk_size = max(1, int(half // recorded_bytes))
+    baseline = None
     with tqdm(total=len(groups), desc=desc, disable=not progress, leave=False) as bar:
         for begin in range(0, len(groups), chunk_size):
             chunk = range(begin, min(begin + chunk_size, len(groups)))
@@ -413,7 +420,7 @@ def _path_patching_fast(
                 [step1[k] for k in chunk],
                 receivers,
                 positions=positions,
-                memory_budget=budget // 2,
+                memory_budget=half,
                 last_positions=last_received,
                 progress=False,
             )
@@ -427,17 +434,23 @@ def _path_patching_fast(
                         for r, acts in zip(receivers, recorded, strict=True)
                     ]
                 )
-            examples[[with_path[k] for k in chunk]] = run_interventions(
+            if baseline is None:
+                step2.insert(0, [])  # the unpatched base run, once, in the first chunk
+            values = run_interventions(
                 model,
                 base,
                 step2,
                 metric,
                 positions=positions,
-                memory_budget=budget // 2,
+                memory_budget=half,
                 progress=False,
             )
+            if baseline is None:
+                baseline, values = values[0], values[1:]
+            examples[[with_path[k] for k in chunk]] = values
             bar.update(len(chunk))
-    return examples
+    examples[without_path] = baseline  # their recorded inputs are the base run's
+    return examples, baseline
 
 
 # Position words that step 1 adds to the dataset's: the positions the receivers read, and each
