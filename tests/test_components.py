@@ -97,6 +97,8 @@ BAD_LAYERS = [
 @pytest.mark.parametrize("check", ["validate", "hook_name", "selection_mask", "run"])
 def test_a_layer_out_of_range_names_the_model_s_layers(tiny_gpt2, component, layer, check):
     expected = f"{component!r}: layer {layer} is out of range; this model has layers 0..2"
+    if check == "run":  # a method's error also names the method
+        expected = f"run_interventions: {expected}"
     with pytest.raises(ComponentError, match=f"^{re.escape(expected)}$"):
         if check == "validate":
             component.validate(tiny_gpt2)
@@ -126,7 +128,8 @@ def test_an_mlp_of_an_attention_only_model_is_a_component_error(tiny_attn_only, 
             component.hook_name(tiny_attn_only)
         else:
             run_one(tiny_attn_only, component)
-    assert str(caught.value) == f"{component!r}: {message}"
+    called = "run_interventions: " if check == "run" else ""
+    assert str(caught.value) == f"{called}{component!r}: {message}"
 
 
 def test_good_addresses_still_validate(tiny_model):
@@ -232,3 +235,141 @@ def test_lists_and_ranges_of_positions_become_tuples():
 def test_an_int_past_the_prompt_is_still_an_error(pos):
     with pytest.raises(ComponentError, match="is outside the prompt, which has positions 0..5"):
         position_mask(Head(0, 0).at(pos), 3, N_POS, None)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m, ds: ck.ablate(m, ds, ["Head(0, 0)"], "zero", progress=False),
+            r"^ablate: unknown component kind 'Head\(0, 0\)'; expected one of 'resid_pre'",
+        ),
+        (
+            lambda m, ds: ck.ablation_sweep(m, ds, "heads", "zero", progress=False),
+            r"^ablation_sweep: unknown component kind 'heads'",
+        ),
+        (
+            lambda m, ds: ck.activation_patching(m, ds, ds, "heads!", progress=False),
+            r"^activation_patching: unknown component kind 'heads!'",
+        ),
+        (
+            lambda m, ds: ck.attribution_patching(
+                m, ds, ds, None, "blocks.0.hook_z", progress=False
+            ),
+            r"^attribution_patching: unknown component kind 'blocks\.0\.hook_z'",
+        ),
+        (
+            lambda m, ds: ck.ablation_sweep(m, ds, "mlp", "zero", progress=False),
+            r"^ablation_sweep: this model is attention-only and has no MLP layers",
+        ),
+        (
+            lambda m, ds: ck.activation_patching(m, ds, ds, "head", layers=[-1], progress=False),
+            r"^activation_patching: layer -1 is out of range; this model has layers 0\.\.2",
+        ),
+    ],
+)
+def test_a_component_kind_given_as_a_string_names_the_function(tiny_attn_only, call, message):
+    ds = ck.IOIDataset(tiny_attn_only, n=4, seed=0)
+    with pytest.raises(ComponentError, match=message):
+        call(tiny_attn_only, ds)
+    assert all(
+        not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_attn_only.hook_dict.values()
+    )
+
+
+@pytest.mark.parametrize(
+    "component, text",
+    [
+        (Head(0, 0).at(slice(50, 60)), "position slice 50:60 is outside the prompt"),
+        (Head(0, 0).at(50), "position 50 is outside the prompt"),
+        (Head(0, 0).at(-50), "position -50 is outside the prompt"),
+        (MLP(1).at(slice(-60, -50)), "position slice -60:-50 is outside the prompt"),
+        (Head(0, 0).at("nowhere"), "unknown position word 'nowhere'"),
+        (Head(5, 0), "layer 5 is out of range; this model has layers 0..2"),
+    ],
+)
+def test_a_method_names_itself_for_an_address_outside_the_model_or_prompt(
+    tiny_gpt2, component, text
+):
+    ds = ck.IOIDataset(tiny_gpt2, n=4, seed=0)
+    abc, metric = ds.corrupted("ABC"), ck.metrics.logit_diff(ds)
+    calls = {
+        "run_interventions": lambda: ck.run_interventions(
+            tiny_gpt2, ds.tokens, [[Intervention(component, Zero())]], metric, progress=False
+        ),
+        "record_activations": lambda: ck.record_activations(
+            tiny_gpt2,
+            ds.tokens,
+            [[Intervention(component, Zero())]],
+            [Head(0, 0)],
+            positions=ds.positions,
+            progress=False,
+        ),
+        "ablate": lambda: ck.ablate(tiny_gpt2, ds, [component], "zero", progress=False),
+        "activation_patching": lambda: ck.activation_patching(
+            tiny_gpt2, ds, abc, [component], progress=False
+        ),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ComponentError, match=rf"^{where}\b.*: {re.escape(repr(component))}: "):
+            call()
+        with pytest.raises(ComponentError, match=re.escape(text)):
+            call()
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_gpt2.hook_dict.values())
+
+
+NEGATIVE_LAYER_CALLS = {
+    "ablation_sweep": lambda m, ds, abc, cache: ck.ablation_sweep(
+        m, ds, "head", "zero", layers=[-1], progress=False
+    ),
+    "ablation_sweep neuron": lambda m, ds, abc, cache: ck.ablation_sweep(
+        m, ds, "neuron", "zero", layer=-1, progress=False
+    ),
+    "activation_patching": lambda m, ds, abc, cache: ck.activation_patching(
+        m, ds, abc, "head", layers=[-1], progress=False
+    ),
+    "attribution_patching": lambda m, ds, abc, cache: ck.attribution_patching(
+        m, ds, abc, None, "head", layers=[-1], progress=False
+    ),
+    "path_patching": lambda m, ds, abc, cache: ck.path_patching(
+        m, ds, abc, "heads", "logits", layers=[-1], progress=False
+    ),
+    "causal_trace": lambda m, ds, abc, cache: ck.causal_trace(
+        m, ds.tokens[0], [1, 2], 5, layers=[-1], progress=False
+    ),
+    "causal_effects": lambda m, ds, abc, cache: ck.causal_effects(
+        m, ds, abc, ds.io_tokens, layers=[-1], progress=False
+    ),
+    "direct_logit_attribution": lambda m, ds, abc, cache: ck.direct_logit_attribution(
+        m, cache, ds, by="neuron", layers=[-1]
+    ),
+    "intervene_on_neuron": lambda m, ds, abc, cache: ck.intervene_on_neuron(m, ds.tokens, -1, 3),
+    "find_ioi_circuit": lambda m, ds, abc, cache: ck.find_ioi_circuit(
+        m, ds, reference=abc, layers=[-1], progress=False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NEGATIVE_LAYER_CALLS))
+def test_a_negative_layer_names_the_function_and_the_valid_range(tiny_gpt2, case):
+    ds = ck.IOIDataset(tiny_gpt2, n=4, seed=0)
+    _, cache = tiny_gpt2.run_with_cache(ds.tokens)
+    name = case.split()[0]
+    with pytest.raises(
+        ComponentError, match=rf"^{name}\b.*layer -1 is out of range; this model has layers 0\.\.2$"
+    ):
+        NEGATIVE_LAYER_CALLS[case](tiny_gpt2, ds, ds.corrupted("ABC"), cache)
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_gpt2.hook_dict.values())
+
+
+def test_direct_logit_attribution_refuses_layers_it_would_ignore(tiny_gpt2):
+    ds = ck.IOIDataset(tiny_gpt2, n=4, seed=0)
+    _, cache = tiny_gpt2.run_with_cache(ds.tokens)
+    for by in ("layer", "head", "component"):
+        with pytest.raises(
+            ck.CircuitkitError,
+            match=rf"^direct_logit_attribution: layers= is only for by='neuron', got by='{by}'$",
+        ):
+            ck.direct_logit_attribution(tiny_gpt2, cache, ds, by=by, layers=[0])
+    neurons = ck.direct_logit_attribution(tiny_gpt2, cache, ds, by="neuron", layers=[1])
+    assert neurons.labels["layer"] == ["1"]

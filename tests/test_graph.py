@@ -4,6 +4,8 @@ one-forward-per-run reference, and identities that pin down what patching an edg
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -179,8 +181,49 @@ def test_examples_in_groups_when_one_run_outgrows_the_budget(tiny_gpt2):
     kwargs = dict(replacement=replacement, progress=False)
     whole = ck.patch_edges(tiny_gpt2, clean, masks, metric, **kwargs)
     for chosen in (metric, plain):
-        grouped = ck.patch_edges(tiny_gpt2, clean, masks, chosen, memory_budget=1, **kwargs)
+        with pytest.warns(UserWarning, match=r"^patch_edges: memory_budget of 1 B cannot be met"):
+            grouped = ck.patch_edges(tiny_gpt2, clean, masks, chosen, memory_budget=1, **kwargs)
         assert_close(grouped, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_the_budget_counts_the_base_run_and_is_checked(tiny_gpt2, monkeypatch):
+    """What a group keeps (its cached base run among it) comes out of the budget before its
+    chunks are sized; a budget below one run warns (see above); a bad one is refused."""
+    from circuitkit.core import engine
+    from circuitkit.methods import edge_patching
+
+    clean, corrupted, metric = random_pair(tiny_gpt2, seed=12, n=6)
+    graph = ck.Graph.of(tiny_gpt2)
+    masks = random_masks(graph, seed=12)
+    replacement = ck.sender_outputs(tiny_gpt2, corrupted)
+    kwargs = dict(replacement=replacement, progress=False)
+    whole = ck.patch_edges(tiny_gpt2, clean, masks, metric, **kwargs)
+    kept, sized = [], []
+
+    def spy_base(model, tokens):
+        base = engine.base_run(model, tokens)
+        kept.append(engine.kept_bytes(base))
+        return base
+
+    def spy_chunks(model, per_run, left, max_runs):
+        sized.append((per_run, left))
+        return engine.runs_per_chunk(model, per_run, left, max_runs)
+
+    monkeypatch.setattr(edge_patching, "base_run", spy_base)
+    monkeypatch.setattr(edge_patching, "runs_per_chunk", spy_chunks)
+    budget = 2**20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped = ck.patch_edges(tiny_gpt2, clean, masks, metric, memory_budget=budget, **kwargs)
+    assert_close(grouped, whole, atol=1e-5, rtol=1e-5)
+    [(per_run, left)] = sized
+    assert len(kept) > 1  # the examples went in groups
+    assert per_run <= left and left + max(kept) <= budget
+    for bad in ("1GB", 0, -5, 1.5, math.nan, True):
+        with pytest.raises(
+            CircuitkitError, match=r"^patch_edges: memory_budget must be a positive"
+        ):
+            ck.patch_edges(tiny_gpt2, clean, masks, metric, memory_budget=bad, **kwargs)
 
 
 def test_no_patched_edges_is_the_plain_model(tiny_model):
@@ -309,6 +352,34 @@ def test_model_unchanged_after_success_and_errors(tiny_gpt2):
         with pytest.raises(RuntimeError, match="metric failed"):
             ck.patch_edges(tiny_gpt2, clean, random_masks(graph, 0), broken, **kwargs)
         assert_unchanged(tiny_gpt2, snapshot)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_metric_that_runs_the_model_sees_the_plain_model(tiny_model, reference):
+    """The metric is called with no patch hook attached and the split-input flags put back:
+    its own forward pass gives the plain model's logits in every run."""
+    clean, corrupted, metric = random_pair(tiny_model, seed=8)
+    graph = ck.Graph.of(tiny_model)
+    replacement = ck.sender_outputs(tiny_model, corrupted)
+    masks = random_masks(graph, 1)
+    snapshot = _snapshot(tiny_model)
+    with torch.no_grad():
+        plain = tiny_model(clean)
+    seen = []
+
+    def runs_the_model(logits):
+        seen.append(_snapshot(tiny_model)[4])
+        own = tiny_model(clean)  # the metric's own forward pass
+        return metric(logits) + (own - plain).abs().amax(dim=(1, 2))
+
+    kwargs = dict(replacement=replacement, reference=reference, progress=False)
+    values = ck.patch_edges(tiny_model, clean, masks, runs_the_model, **kwargs)
+    expected = ck.patch_edges(tiny_model, clean, masks, metric, **kwargs)
+    slow = ck.patch_edges(tiny_model, clean, masks, metric, replacement=replacement, reference=True)
+    assert_close(values, expected, atol=1e-5, rtol=0)
+    assert_close(values, slow, atol=1e-4, rtol=1e-5)
+    assert seen and all(flags == snapshot[4] for flags in seen)
+    assert_unchanged(tiny_model, snapshot)
 
 
 def test_bad_inputs(tiny_gpt2):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -90,3 +92,253 @@ def test_a_method_names_itself_and_the_argument(tiny_gpt2):
         ck.activation_patching(
             tiny_gpt2, clean[:0], corrupted[:0], "head", lambda logits: logits[:, -1, 0]
         )
+
+
+# -- every method checks its token ids before its first forward pass ----------------------------
+
+
+def _circuit():
+    return ck.Circuit.from_classes({"x": [ck.Head(2, 1).at("end"), ck.Head(1, 0)]})
+
+
+# name: the function the error names; call(model, ds, bad, metric) with ``bad`` in one input
+METHODS = {
+    "activation_patching": lambda m, ds, bad, metric: ck.activation_patching(
+        m, bad, ds, "head", metric, progress=False
+    ),
+    "activation_patching corrupted": lambda m, ds, bad, metric: ck.activation_patching(
+        m, ds, bad, "head", metric, progress=False
+    ),
+    "path_patching": lambda m, ds, bad, metric: ck.path_patching(
+        m, bad, ds, "heads", "logits", metric, progress=False
+    ),
+    "path_patching corrupted": lambda m, ds, bad, metric: ck.path_patching(
+        m, ds, bad, "heads", "logits", metric, progress=False
+    ),
+    "ablate": lambda m, ds, bad, metric: ck.ablate(
+        m, bad, [ck.Head(0, 0)], "mean", reference=ds, metric=metric, progress=False
+    ),
+    "ablate reference": lambda m, ds, bad, metric: ck.ablate(
+        m, ds, [ck.Head(0, 0)], "mean", reference=bad, metric=metric, progress=False
+    ),
+    "ablation_sweep": lambda m, ds, bad, metric: ck.ablation_sweep(
+        m, bad, "head", "zero", metric=metric, progress=False
+    ),
+    "attribution_patching": lambda m, ds, bad, metric: ck.attribution_patching(
+        m, bad, ds, metric, "head", progress=False
+    ),
+    "edge_attribution_patching": lambda m, ds, bad, metric: ck.edge_attribution_patching(
+        m, ds, bad, metric, progress=False
+    ),
+    "patch_edges": lambda m, ds, bad, metric: ck.patch_edges(
+        m, bad, [[]], metric, replacement=ck.sender_outputs(m, ds), progress=False
+    ),
+    "sender_outputs": lambda m, ds, bad, metric: ck.sender_outputs(m, bad),
+    "faithfulness": lambda m, ds, bad, metric: ck.faithfulness(
+        m, _circuit(), bad, reference=ds, metric=metric, progress=False
+    ),
+    "faithfulness reference": lambda m, ds, bad, metric: ck.faithfulness(
+        m, _circuit(), ds, reference=bad, metric=metric, progress=False
+    ),
+    "faithfulness_table": lambda m, ds, bad, metric: ck.faithfulness_table(
+        m, _circuit(), bad, reference=ds, metric=metric, choices=["zero"], progress=False
+    ),
+    "completeness": lambda m, ds, bad, metric: ck.completeness(
+        m, _circuit(), bad, reference=ds, metric=metric, progress=False
+    ),
+    "minimality": lambda m, ds, bad, metric: ck.minimality(
+        m, _circuit(), bad, reference=ds, metric=metric, progress=False
+    ),
+    "causal_trace": lambda m, ds, bad, metric: ck.causal_trace(
+        m, bad.tokens[1], [1, 2], 5, progress=False
+    ),
+    "causal_effects": lambda m, ds, bad, metric: ck.causal_effects(
+        m, bad, ds, ds.io_tokens, progress=False
+    ),
+    "trace_token_probability": lambda m, ds, bad, metric: ck.trace_token_probability(
+        m, bad.tokens, 5
+    ),
+    "intervene_on_neuron": lambda m, ds, bad, metric: ck.intervene_on_neuron(m, bad.tokens, 0, 3),
+    "attention_scores": lambda m, ds, bad, metric: ck.attention_scores(m, bad, progress=False),
+    "attention_head_scores": lambda m, ds, bad, metric: ck.attention_head_scores(
+        m, bad, progress=False
+    ),
+    "find_ioi_circuit": lambda m, ds, bad, metric: ck.find_ioi_circuit(
+        m, bad, reference=ds, metric=metric, progress=False
+    ),
+    "discover_circuit": lambda m, ds, bad, metric: ck.discover_circuit(
+        m, bad, ds, metric, progress=False
+    ),
+    "run_interventions": lambda m, ds, bad, metric: ck.run_interventions(
+        m, bad.tokens, [[]], metric, progress=False
+    ),
+    "record_activations": lambda m, ds, bad, metric: ck.record_activations(
+        m, bad.tokens, [[]], [ck.Head(0, 0)], progress=False
+    ),
+}
+
+
+@pytest.mark.parametrize("bad_id", ["d_vocab", -1])
+@pytest.mark.parametrize("case", list(METHODS))
+def test_every_method_refuses_ids_outside_the_vocabulary(tiny_gpt2, case, bad_id):
+    """An id equal to d_vocab or below 0, in any token input, is a CircuitkitError naming the
+    method, raised before any forward pass; the model keeps no hook and the same weights."""
+    model = tiny_gpt2
+    ds = ck.IOIDataset(model, n=4, seed=0)
+    metric = ck.metrics.logit_diff(ds)
+    bad = copy.copy(ds)
+    bad.tokens = ds.tokens.clone()
+    bad.tokens[1, 2] = model.cfg.d_vocab if bad_id == "d_vocab" else bad_id
+    before = copy.deepcopy(model.state_dict())
+    forwards = []
+    counter = model.embed.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        name = case.split()[0]
+        with pytest.raises(CircuitkitError, match=rf"^{name}\b.*holds token ids? "):
+            METHODS[case](model, ds, bad, metric)
+    finally:
+        counter.remove()
+    # sender_outputs(model, ds) builds the good replacement first; nothing runs on bad tokens
+    assert not forwards or case == "patch_edges"
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in model.hook_dict.values())
+    assert not model._forward_pre_hooks and not model.embed._forward_pre_hooks
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# -- every method checks memory_budget before any work --------------------------------------
+
+# name: the function the error names; call(model, ds, abc, metric, budget)
+BUDGETED = {
+    "activation_patching": lambda m, ds, abc, metric, b: ck.activation_patching(
+        m, ds, abc, "head", metric, memory_budget=b, progress=False
+    ),
+    "path_patching": lambda m, ds, abc, metric, b: ck.path_patching(
+        m, ds, abc, "heads", "logits", metric, memory_budget=b, progress=False
+    ),
+    "ablate": lambda m, ds, abc, metric, b: ck.ablate(
+        m, ds, [ck.Head(0, 0)], "zero", metric=metric, memory_budget=b, progress=False
+    ),
+    "ablation_sweep": lambda m, ds, abc, metric, b: ck.ablation_sweep(
+        m, ds, "head", "zero", metric=metric, memory_budget=b, progress=False
+    ),
+    "attribution_patching": lambda m, ds, abc, metric, b: ck.attribution_patching(
+        m, ds, abc, metric, "head", memory_budget=b, progress=False
+    ),
+    "edge_attribution_patching": lambda m, ds, abc, metric, b: ck.edge_attribution_patching(
+        m, ds, abc, metric, memory_budget=b, progress=False
+    ),
+    "patch_edges": lambda m, ds, abc, metric, b: ck.patch_edges(
+        m,
+        ds,
+        [[]],
+        metric,
+        replacement=ck.sender_outputs(m, abc),
+        memory_budget=b,
+        progress=False,
+    ),
+    "faithfulness": lambda m, ds, abc, metric, b: ck.faithfulness(
+        m, _circuit(), ds, reference=abc, metric=metric, memory_budget=b, progress=False
+    ),
+    "faithfulness edge": lambda m, ds, abc, metric, b: ck.faithfulness(
+        m,
+        _circuit(),
+        ds,
+        reference=abc,
+        metric=metric,
+        ablation=ck.Ablation("zero", level="edge"),
+        memory_budget=b,
+        progress=False,
+    ),
+    "causal_trace": lambda m, ds, abc, metric, b: ck.causal_trace(
+        m, ds.tokens[0], [1, 2], 5, memory_budget=b, progress=False
+    ),
+    "causal_effects": lambda m, ds, abc, metric, b: ck.causal_effects(
+        m, ds, abc, ds.io_tokens, memory_budget=b, progress=False
+    ),
+    "attention_scores": lambda m, ds, abc, metric, b: ck.attention_scores(
+        m, ds, memory_budget=b, progress=False
+    ),
+    "attention_head_scores": lambda m, ds, abc, metric, b: ck.attention_head_scores(
+        m, ds, memory_budget=b, progress=False
+    ),
+    "discover_circuit": lambda m, ds, abc, metric, b: ck.discover_circuit(
+        m, ds, abc, metric, memory_budget=b, progress=False
+    ),
+    "find_ioi_circuit": lambda m, ds, abc, metric, b: ck.find_ioi_circuit(
+        m, ds, reference=abc, metric=metric, memory_budget=b, progress=False
+    ),
+    "faithfulness_curve": lambda m, ds, abc, metric, b: ck.faithfulness_curve(
+        m,
+        ds,
+        abc,
+        metric,
+        scores=ck.edge_attribution_patching(m, ds, abc, metric, progress=False),
+        sizes=[0.5],
+        memory_budget=b,
+        progress=False,
+    ),
+    "faithfulness_table": lambda m, ds, abc, metric, b: ck.faithfulness_table(
+        m,
+        _circuit(),
+        ds,
+        reference=abc,
+        metric=metric,
+        choices=["zero"],
+        memory_budget=b,
+        progress=False,
+    ),
+    "completeness": lambda m, ds, abc, metric, b: ck.completeness(
+        m, _circuit(), ds, reference=abc, metric=metric, memory_budget=b, progress=False
+    ),
+    "minimality": lambda m, ds, abc, metric, b: ck.minimality(
+        m, _circuit(), ds, reference=abc, metric=metric, memory_budget=b, progress=False
+    ),
+    "run_interventions": lambda m, ds, abc, metric, b: ck.run_interventions(
+        m, ds.tokens, [[]], metric, memory_budget=b, progress=False
+    ),
+    "record_activations": lambda m, ds, abc, metric, b: ck.record_activations(
+        m, ds.tokens, [[]], [ck.Head(0, 0)], memory_budget=b, progress=False
+    ),
+}
+
+
+@pytest.mark.parametrize("budget", ["1GB", 0, -1, 2.5, float("nan")])
+@pytest.mark.parametrize("case", list(BUDGETED))
+def test_every_method_refuses_a_bad_memory_budget(tiny_gpt2, case, budget):
+    model = tiny_gpt2
+    ds = ck.IOIDataset(model, n=4, seed=0)
+    abc, metric = ds.corrupted("ABC"), ck.metrics.logit_diff(ds)
+    name = case.split()[0]
+    with pytest.raises(CircuitkitError, match=rf"^{name}\b.*memory_budget must be a positive"):
+        BUDGETED[case](model, ds, abc, metric, budget)
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, ds, pos: ck.activation_patching(
+            m, ds, ds.corrupted("ABC"), "head", positions=pos, progress=False
+        ),
+        lambda m, ds, pos: ck.attribution_patching(
+            m, ds, ds.corrupted("ABC"), None, "head", positions=pos, progress=False
+        ),
+        lambda m, ds, pos: ck.ablation_sweep(m, ds, "head", "zero", positions=pos, progress=False),
+    ],
+    ids=["activation_patching", "attribution_patching", "ablation_sweep"],
+)
+def test_sweeps_refuse_no_positions_and_positions_past_the_prompt(tiny_gpt2, call, request):
+    """``positions=[]`` would sweep nothing: it is refused, as are positions and slices past the
+    prompt, naming the function."""
+    ds = ck.IOIDataset(tiny_gpt2, n=4, seed=0)
+    where = request.node.callspec.id
+    n_pos = ds.tokens.shape[1]
+    for empty in ([], (), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(CircuitkitError, match=rf"^{where}: positions is empty; give at least"):
+            call(tiny_gpt2, ds, empty)
+    with pytest.raises(CircuitkitError, match=rf"^{where}: position {n_pos} is outside the prompt"):
+        call(tiny_gpt2, ds, [0, n_pos])
+    with pytest.raises(CircuitkitError, match=r"slice 40:50 is outside the prompt"):
+        call(tiny_gpt2, ds, [slice(40, 50)])
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_gpt2.hook_dict.values())

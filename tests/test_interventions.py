@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from circuitkit.core.components import Head
 from circuitkit.core.errors import CircuitkitError
-from circuitkit.core.interventions import Add, Patch, Scale, SetTo, Zero, apply_value
+from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero, apply_value
 
 NAN, INF = float("nan"), float("inf")
 
@@ -105,3 +106,20 @@ def test_finite_values_are_kept_as_given():
     assert SetTo(tensor).value is tensor
     assert Add(tensor).delta is tensor
     assert torch.equal(apply_value(tensor, tensor > 0, Zero()), tensor.clamp(max=0))
+
+
+@pytest.mark.parametrize(
+    "component, value, message",
+    [
+        ("blocks.0.attn.hook_z", Zero(), r"component must be a component such as ck\.Head\(9, 9\)"),
+        ("head", Zero(), r"component must be a component .*got str 'head'$"),
+        ((0, 0), Zero(), r"component must be a component .*got tuple \(0, 0\)$"),
+        (Head(0, 0), 0.0, r"value must be ck\.Patch, ck\.Zero, .*got float 0\.0$"),
+        (Head(0, 0), Zero, r"value must be ck\.Patch, ck\.Zero, .*got type"),
+    ],
+)
+def test_an_intervention_of_the_wrong_kinds_fails_when_made(component, value, message):
+    """A hook name or a kind word given as the component (or a bare number as the value) is
+    refused when the intervention is made, not deep inside a run."""
+    with pytest.raises(CircuitkitError, match=rf"^Intervention: {message}"):
+        Intervention(component, value)

@@ -294,3 +294,39 @@ def test_the_built_in_metrics_read_non_negative_positions(tiny_gpt2):
         assert metric.positions.dtype == torch.long and int(metric.positions.min()) >= 0
     with pytest.raises(MetricError, match="positions must be >= 0"):
         metrics.logit_diff(ds, position=torch.full((4,), -1))
+
+
+def test_a_metric_reading_past_the_prompt_is_refused_before_any_run(tiny_gpt2):
+    """A ``Metric`` whose positions lie past the prompt is a ShapeError naming the method, on
+    the fast path as on the reference (not an IndexError from inside the engine)."""
+    ds = IOIDataset(tiny_gpt2, n=4, seed=0)
+    n_pos = ds.tokens.shape[1]
+    positions = ds.positions["end"].clone()
+    positions[2] = n_pos + 3
+    metric = Metric("past", positions, lambda at: at[..., 0])
+    message = rf"the metric 'past' reads position {n_pos + 3}, but the prompts have positions 0\.\."
+    for reference in (False, True):
+        with pytest.raises(ShapeError, match=rf"^run_interventions: {message}"):
+            ck.run_interventions(tiny_gpt2, ds.tokens, [[]], metric, reference=reference)
+    replacement = ck.sender_outputs(tiny_gpt2, ds.corrupted("ABC"))
+    with pytest.raises(ShapeError, match=rf"^patch_edges: {message}"):
+        ck.patch_edges(tiny_gpt2, ds, [[]], metric, replacement=replacement, progress=False)
+    with pytest.raises(ShapeError, match=rf"^activation_patching \(denoise\): {message}"):
+        ck.activation_patching(tiny_gpt2, ds, ds.corrupted("ABC"), "head", metric, progress=False)
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_gpt2.hook_dict.values())
+    last = torch.full((4,), n_pos - 1)
+    Metric("last", last, lambda at: at[..., 0]).check_positions(n_pos, "my_method")
+
+
+@pytest.mark.parametrize("name", ["logit_diff", "logprob", "prob", "accuracy"])
+def test_an_unknown_position_or_token_is_a_circuitkit_error(tiny_gpt2, name):
+    ds = IOIDataset(tiny_gpt2, n=4, seed=0)
+    build = getattr(metrics, name)
+    with pytest.raises(ck.CircuitkitError, match=rf"^{name}: unknown position 100; choose one of"):
+        build(ds, position=100)
+    if name in ("logprob", "prob"):
+        with pytest.raises(ck.CircuitkitError, match=rf"^{name}: token must be 'IO' or 'S'"):
+            build(ds, "X")
+    if name == "accuracy":
+        with pytest.raises(ck.CircuitkitError, match=r"^accuracy: against must be 'vocab' or 'S'"):
+            build(ds, against="IO")

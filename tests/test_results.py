@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import pickle
 from pathlib import Path
 from unittest import mock
@@ -124,7 +125,7 @@ def test_interval_is_reproducible_by_seed():
 
 def test_interval_errors():
     result = normal_result(0.0, 1.0, n=10, seed=0)
-    with pytest.raises(CircuitkitError, match="level must be between 0 and 1"):
+    with pytest.raises(CircuitkitError, match="level must be a number between 0 and 1"):
         result.ci(95)
     with pytest.raises(CircuitkitError, match="n_boot must be an int"):
         result.ci(n_boot=0)
@@ -134,6 +135,47 @@ def test_interval_errors():
     one_example = Result.from_examples(torch.zeros(3, 1), ("layer",), {})
     with pytest.raises(CircuitkitError, match="at least 2 examples"):
         one_example.ci()
+
+
+BAD_INTERVALS = [
+    (dict(level=2), r"level must be a number between 0 and 1 \(such as 0\.95\), got 2$"),
+    (dict(level=0), r"level must be a number between 0 and 1 .*got 0$"),
+    (dict(level=1.0), r"level must be a number between 0 and 1 .*got 1\.0$"),
+    (dict(level=math.nan), r"level must be a number between 0 and 1 .*got nan$"),
+    (dict(level="0.95"), r"level must be a number between 0 and 1 .*got '0\.95'$"),
+    (dict(level=True), r"level must be a number between 0 and 1 .*got True$"),
+    (dict(n_boot=0), r"n_boot must be an int from 1 to 1e6 \(such as 2000\), got 0$"),
+    (dict(n_boot=-5), r"n_boot must be an int from 1 to 1e6 .*got -5$"),
+    (dict(n_boot=100.0), r"n_boot must be an int from 1 to 1e6 .*got 100\.0$"),
+    (dict(n_boot=math.nan), r"n_boot must be an int from 1 to 1e6 .*got nan$"),
+    (dict(n_boot=True), r"n_boot must be an int from 1 to 1e6 .*got True$"),
+    (dict(seed=1.5), r"seed must be an int, got 1\.5$"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_INTERVALS)
+def test_every_interval_names_the_call_and_the_argument(bad, message):
+    result = normal_result(0.0, 1.0, n=10, seed=0, shape=(3,))
+    level, n_boot, seed = bad.get("level", 0.95), bad.get("n_boot", 100), bad.get("seed", 0)
+    calls = {
+        "Result.ci": lambda: result.ci(level, n_boot=n_boot, seed=seed),
+        "Result.compare": lambda: result.compare((0,), (1,), level=level, n_boot=n_boot, seed=seed),
+        "Result.to_dataframe": lambda: result.to_dataframe(ci=level, n_boot=n_boot, seed=seed),
+        "bootstrap_interval": lambda: bootstrap_interval(
+            result.examples, level, n_boot=n_boot, seed=seed
+        ),
+    }
+    for where, call in calls.items():
+        named = message.replace("level must", "ci must") if where.endswith("frame") else message
+        with pytest.raises(CircuitkitError, match=rf"^{where}: {named}"):
+            call()
+
+
+def test_compare_checks_n_perm_first():
+    result = normal_result(0.0, 1.0, n=10, seed=0, shape=(3,))
+    for n_perm in (0, 2.5, True):
+        with pytest.raises(CircuitkitError, match=r"^Result.compare: n_perm must be a positive"):
+            result.compare((0,), (1,), n_perm=n_perm)
 
 
 # -- paired comparisons -----------------------------------------------------------------------

@@ -553,21 +553,48 @@ def position_mask(
     return mask
 
 
+def check_component(component: Component, model: HookedTransformer, where: str) -> None:
+    """``component.validate(model)``, with its ``ComponentError`` naming ``where``, the function
+    called.
+
+    Example::
+
+        check_component(ck.Head(40, 0), model, "run_interventions")
+        # ComponentError: run_interventions: Head(40, 0): layer 40 is out of range; ...
+    """
+    try:
+        component.validate(model)
+    except ComponentError as error:
+        if str(error).startswith(f"{where}:"):
+            raise
+        raise ComponentError(f"{where}: {error}") from None
+
+
 def selection_mask(
     component: Component,
     model: HookedTransformer,
     act_shape: Sequence[int],
     positions: Mapping[str, Tensor] | None,
     device: torch.device | str = "cpu",
+    where: str | None = None,
 ) -> Tensor:
     """A bool mask over the activation ``component`` names, broadcastable to ``act_shape``.
 
-    True marks the entries the component selects (positions, and its head or neuron).
+    True marks the entries the component selects (positions, and its head or neuron). An
+    address out of range for the model or the prompt is a ``ComponentError``, which names
+    ``where`` (the function called) when given.
     """
-    component.validate(model)
     n = act_shape[0]
     pos_dim = component.pos_dim
-    pos_mask = position_mask(component, n, act_shape[pos_dim], positions, device)
+    if where is None:
+        component.validate(model)
+        pos_mask = position_mask(component, n, act_shape[pos_dim], positions, device)
+    else:
+        check_component(component, model, where)
+        try:
+            pos_mask = position_mask(component, n, act_shape[pos_dim], positions, device)
+        except ComponentError as error:
+            raise ComponentError(f"{where}: {error}") from None
     unit = component.unit(model)
     if unit is None:
         mask = pos_mask  # [n, pos]
@@ -592,16 +619,28 @@ ComponentKind = Literal[
 
 
 def all_components(
-    model: HookedTransformer, kind: str, layers: Sequence[int] | None = None
+    model: HookedTransformer,
+    kind: str,
+    layers: Sequence[int] | None = None,
+    where: str | None = None,
 ) -> tuple[list[Component], tuple, dict]:
     """Every component of ``kind`` in ``model`` (in ``layers`` only, if given), with the axes
-    and labels of a sweep over them.
+    and labels of a sweep over them. Errors name ``where``, the function called (else the kind).
 
     Returns ``(components, axes, labels)``: components in row-major order of ``axes``; the
     "layer" axis is labelled with the layers' own numbers.
     """
     cfg = model.cfg
-    layers = check_layers(model, layers, kind)
+    where = where or str(kind)
+    kinds = (
+        "'resid_pre', 'resid_mid', 'resid_post', 'attn', 'mlp', 'head', 'q', 'k', 'v', 'pattern'"
+    )
+    if not isinstance(kind, str):
+        raise ComponentError(
+            f"{where}: a component kind must be a string, one of {kinds}, got "
+            f"{type(kind).__name__} {kind!r:.80}"
+        )
+    layers = check_layers(model, layers, where)
     resid = {"resid_pre": "pre", "resid_mid": "mid", "resid_post": "post"}
     if kind in resid:
         comps: list[Component] = [Resid(layer, resid[kind]) for layer in layers]
@@ -610,7 +649,7 @@ def all_components(
         return [Attn(layer) for layer in layers], ("layer",), {"layer": [str(x) for x in layers]}
     if kind in ("mlp", "mlp_out"):
         if cfg.attn_only:
-            raise ComponentError("mlp: this model is attention-only and has no MLP layers")
+            raise ComponentError(f"{where}: this model is attention-only and has no MLP layers")
         return [MLP(layer) for layer in layers], ("layer",), {"layer": [str(x) for x in layers]}
     if kind in ("head", "z", "q", "k", "v", "pattern"):
         part = "z" if kind == "head" else kind
@@ -620,10 +659,7 @@ def all_components(
             ("layer", "head"),
             {"layer": [str(x) for x in layers], "head": [str(h) for h in range(cfg.n_heads)]},
         )
-    raise ComponentError(
-        f"unknown component kind {kind!r}; expected one of 'resid_pre', 'resid_mid', "
-        f"'resid_post', 'attn', 'mlp', 'head', 'q', 'k', 'v', 'pattern'"
-    )
+    raise ComponentError(f"{where}: unknown component kind {kind!r:.80}; expected one of {kinds}")
 
 
 def check_layers(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.metrics import logit_diff
 
 
@@ -105,12 +105,21 @@ def token_labels(model: Any, tokens: Tensor) -> list[str]:
     return [f"{i}:{w}" for i, w in enumerate(words)]
 
 
-def as_index_list(values: Any) -> list:
+def as_index_list(values: Any, where: str | None = None) -> list:
+    """``values`` (an int, a word, a list of them or a 1-D tensor) as a list. With ``where``
+    (the function called) they are positions, and an empty list is a ``ComponentError``."""
     if isinstance(values, Tensor):
-        return values.tolist()
-    if isinstance(values, (int, str)):
-        return [values]
-    return list(values)
+        items = values.tolist()
+    elif isinstance(values, (int, str)):
+        items = [values]
+    else:
+        items = list(values)
+    if where is not None and not items:
+        raise ComponentError(
+            f"{where}: positions is empty; give at least one position (an int, or a word such as "
+            "'end'), or positions=None for whole components"
+        )
+    return items
 
 
 __all__ = [

@@ -165,6 +165,19 @@ class Intervention:
     component: Component
     value: Value
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.component, Component):
+            raise CircuitkitError(
+                f"Intervention: component must be a component such as ck.Head(9, 9), ck.MLP(3) "
+                f"or ck.Resid(4, 'pre'), got {type(self.component).__name__} "
+                f"{self.component!r:.80}"
+            )
+        if not isinstance(self.value, Value):
+            raise CircuitkitError(
+                f"Intervention: value must be ck.Patch, ck.Zero, ck.SetTo, ck.Scale or ck.Add, "
+                f"got {type(self.value).__name__} {self.value!r:.80}"
+            )
+
 
 Run = Sequence[Intervention]
 

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitkit.core.errors import MetricError, ShapeError
+from circuitkit.core.errors import CircuitkitError, MetricError, ShapeError
 
 
 class AnswerPrompts(Protocol):
@@ -93,6 +93,20 @@ class Metric:
     @property
     def n(self) -> int:
         return int(self.positions.shape[0])
+
+    def check_positions(self, n_pos: int, where: str) -> None:
+        """Raise a ``ShapeError`` naming ``where`` unless every position read is in prompts of
+        ``n_pos`` positions.
+
+        Example::
+
+            metric.check_positions(tokens.shape[1], "run_interventions")
+        """
+        if self.n and int(self.positions.max()) >= n_pos:
+            raise ShapeError(
+                f"{where}: the metric {self.name!r} reads position {int(self.positions.max())}, "
+                f"but the prompts have positions 0..{n_pos - 1}"
+            )
 
     def at(self, logits_at: Float[Tensor, "... n d_vocab"]) -> Float[Tensor, "... n"]:
         """The metric on logits already gathered at ``self.positions``."""
@@ -201,7 +215,7 @@ def _read_positions(ds: AnswerPrompts, position: str | Int[Tensor, "n"], where: 
     elif position in ds.positions:
         positions = ds.positions[position]
     else:
-        raise ValueError(
+        raise CircuitkitError(
             f"{where}: unknown position {position!r}; choose one of {list(ds.positions)} "
             "or give an [n] tensor of token indices"
         )
@@ -218,7 +232,7 @@ def _answer_tokens(ds: AnswerPrompts, token: str, where: str) -> Tensor:
         return ds.io_tokens
     if token == "S":
         return ds.s_tokens
-    raise ValueError(f"{where}: token must be 'IO' or 'S', got {token!r}")
+    raise CircuitkitError(f"{where}: token must be 'IO' or 'S', got {token!r}")
 
 
 def _logit_of(logits_at: Tensor, tokens: Tensor) -> Tensor:
@@ -307,7 +321,7 @@ def accuracy(
             return (io > s).to(logits_at.dtype)
 
     else:
-        raise ValueError(f"accuracy: against must be 'vocab' or 'S', got {against!r}")
+        raise CircuitkitError(f"accuracy: against must be 'vocab' or 'S', got {against!r}")
     name = "accuracy" if against == "vocab" else "accuracy_vs_S"
     return Metric(name, _read_positions(ds, position, "accuracy"), fn)
 

@@ -55,6 +55,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import re
 import types
 import typing
@@ -202,6 +203,7 @@ class Result:
             low, high = result.ci(0.95, n_boot=2000, seed=0)
             spans_zero = (low <= 0) & (high >= 0)
         """
+        check_interval(level, n_boot, seed, "Result.ci")
         examples = self._require_examples("Result.ci")
         bounds = bootstrap_interval(
             examples.reshape(-1, examples.shape[-1]), level, n_boot=n_boot, seed=seed
@@ -233,6 +235,9 @@ class Result:
             c.difference, (c.ci_low, c.ci_high), c.p_value
         """
         where = "Result.compare"
+        check_interval(level, n_boot, seed, where)
+        if not isinstance(n_perm, numbers.Integral) or isinstance(n_perm, bool) or n_perm < 1:
+            raise CircuitkitError(f"{where}: n_perm must be a positive int, got {n_perm!r}")
         examples = self._require_examples(where)
         index_a, index_b = self._index(a, where), self._index(b, where)
         if index_a == index_b:
@@ -367,6 +372,9 @@ class Result:
         """
         import pandas as pd
 
+        if ci is not None:
+            where = f"{type(self).__name__}.to_dataframe"
+            check_interval(ci, n_boot, seed, where, level_name="ci")
         grids = torch.meshgrid(*[torch.arange(s) for s in self.values.shape], indexing="ij")
         columns: dict[str, Any] = {}
         for axis, grid in zip(self.axes, grids, strict=True):
@@ -706,6 +714,35 @@ def compare(result: Result, a: Cell, b: Cell, **kwargs: Any) -> Comparison:
     return result.compare(a, b, **kwargs)
 
 
+def check_interval(
+    level: Any, n_boot: Any, seed: Any, where: str, *, level_name: str = "level"
+) -> None:
+    """Raise a ``CircuitkitError`` naming ``where`` and the argument unless ``level`` is a number
+    strictly between 0 and 1 (not NaN), ``n_boot`` an int from 1 to 1e6 and ``seed`` an int.
+
+    ``level_name`` is the argument's name in the caller (``ci`` in ``to_dataframe(ci=0.95)``).
+
+    Example::
+
+        check_interval(level, n_boot, seed, "Result.ci")
+    """
+    real = isinstance(level, numbers.Real) and not isinstance(level, bool)
+    if not real or not 0 < level < 1:  # NaN fails both comparisons
+        raise CircuitkitError(
+            f"{where}: {level_name} must be a number between 0 and 1 (such as 0.95), got {level!r}"
+        )
+    if (
+        not isinstance(n_boot, numbers.Integral)
+        or isinstance(n_boot, bool)
+        or not 1 <= n_boot <= 1_000_000
+    ):
+        raise CircuitkitError(
+            f"{where}: n_boot must be an int from 1 to 1e6 (such as 2000), got {n_boot!r}"
+        )
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise CircuitkitError(f"{where}: seed must be an int, got {seed!r}")
+
+
 def bootstrap_interval(
     samples: Float[Tensor, "cells n"], level: float = 0.95, *, n_boot: int = 2000, seed: int = 0
 ) -> tuple[Float[Tensor, "cells"], Float[Tensor, "cells"]]:
@@ -722,10 +759,8 @@ def bootstrap_interval(
         low, high = bootstrap_interval(torch.randn(3, 50), 0.95, n_boot=1000, seed=0)
     """
     where = "bootstrap_interval"
-    if not 0 < level < 1:
-        raise CircuitkitError(f"{where}: level must be between 0 and 1 (such as 0.95), got {level}")
-    if not isinstance(n_boot, int) or not 1 <= n_boot <= 1_000_000:
-        raise CircuitkitError(f"{where}: n_boot must be an int from 1 to 1e6, got {n_boot!r}")
+    check_interval(level, n_boot, seed, where)
+    n_boot, seed = int(n_boot), int(seed)
     if samples.ndim != 2 or samples.shape[1] < 2:
         raise ShapeError(
             f"{where}: expected samples of shape [cells, n] with n >= 2, got {tuple(samples.shape)}"
@@ -1073,4 +1108,12 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-__all__ = ["Result", "Comparison", "Cell", "compare", "bootstrap_interval", "sign_flip_test"]
+__all__ = [
+    "Result",
+    "Comparison",
+    "Cell",
+    "compare",
+    "bootstrap_interval",
+    "check_interval",
+    "sign_flip_test",
+]

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from circuitkit.circuits.curves import cmd, cpr
 from circuitkit.core.errors import CircuitkitError, ShapeError
-from circuitkit.core.results import Result
+from circuitkit.core.results import Result, check_interval
 from circuitkit.methods.causal_tracing import CausalTrace
 
 # The diverging colour scale of heatmaps: low (negative) red, high (positive) blue.
@@ -90,6 +90,7 @@ def plot(
         raise CircuitkitError(f"plot: error must be 'ci', 'sem' or None, got {error!r}")
     if kind not in ("line", "bar"):
         raise CircuitkitError(f"plot: kind must be 'line' or 'bar', got {kind!r}")
+    check_interval(level, n_boot, seed, "plot")
     if result.axes == ("size",):
         return plot_curves(
             {result.metric or "faithfulness": result},
@@ -303,6 +304,7 @@ def plot_curves(
         )
     if error not in ("ci", "sem", None):
         raise CircuitkitError(f"{where}: error must be 'ci', 'sem' or None, got {error!r}")
+    check_interval(level, n_boot, seed, where)
     fig = go.Figure()
     notes, items = set(), set()
     for name, curve in curves.items():

@@ -26,7 +26,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from circuitkit.core import provenance
-from circuitkit.core.components import Component, Head, all_components
+from circuitkit.core.components import Component, Head, all_components, check_component
 from circuitkit.core.distributed import run_interventions as distributed_run_interventions
 from circuitkit.core.engine import run_interventions
 from circuitkit.core.errors import CircuitkitError, ComponentError
@@ -183,11 +183,11 @@ def sweep_cells(
     row-major order of ``axes``."""
     components, axes, labels = _components(model, component, where, layers)
     for comp in components:
-        comp.validate(model)
+        check_component(comp, model, where)
     pos_items: list[int | str | None] = [None]
     if per_position or positions is not None:
         n_pos = tokens.shape[1]
-        pos_items = as_index_list(positions) if positions is not None else list(range(n_pos))
+        pos_items = as_index_list(positions, where) if positions is not None else list(range(n_pos))
         for p in pos_items:
             if isinstance(p, int) and not -n_pos <= p < n_pos:
                 raise ComponentError(
@@ -208,7 +208,7 @@ def _components(
     layers: Sequence[int] | None,
 ) -> tuple[list[Component], tuple[str, ...], dict[str, list[str]]]:
     if isinstance(component, str):
-        comps, axes, labels = all_components(model, component, layers)
+        comps, axes, labels = all_components(model, component, layers, where)
         n_kv = model.cfg.n_key_value_heads
         if component in ("k", "v") and n_kv is not None and n_kv != model.cfg.n_heads:
             group = model.cfg.n_heads // n_kv

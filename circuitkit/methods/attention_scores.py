@@ -30,7 +30,12 @@ from tqdm.auto import tqdm
 
 from circuitkit.core import provenance
 from circuitkit.core.components import Head
-from circuitkit.core.engine import bytes_per_run, default_memory_budget, hooks_added
+from circuitkit.core.engine import (
+    bytes_per_run,
+    check_memory_budget,
+    default_memory_budget,
+    hooks_added,
+)
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.lens import HookedTransformer
@@ -186,6 +191,7 @@ def _run_patterns(
     """``gather(pattern, rows)`` at each layer of ``layers``, for every example, from forwards
     in batches that stop after the last of those layers."""
     n, n_pos = tokens.shape
+    memory_budget = check_memory_budget(memory_budget, where)
     budget = memory_budget if memory_budget is not None else default_memory_budget(model)
     batch = max(1, int(budget // bytes_per_run(model, 1, n_pos, n_pos, full_logits=False)))
     names = {Head(layer, 0).pattern.hook_name(model): layer for layer in layers}

@@ -9,7 +9,8 @@ edge sets on a base input, batched like the intervention engine: runs are stacke
 batch dimension, in chunks that fit a memory budget, each chunk starting from the base run's
 residual stream at the first layer its runs change. TransformerLens exposes a receiver's own
 input only while ``cfg.use_split_qkv_input`` and ``cfg.use_hook_mlp_in`` are set;
-``split_inputs`` sets them for the length of a call and puts them back as they were.
+``split_inputs`` sets them for each forward pass and puts them back as they were before the
+metric is called, so a metric that runs the model itself sees the plain model.
 
 Example: the faithfulness of a circuit given as a set of edges, with every other edge
 mean-ablated over the ABC distribution::
@@ -34,12 +35,15 @@ from circuitkit.core.components import MLP, Component, Embed, Head, Resid, input
 from circuitkit.core.engine import (
     base_run,
     bytes_per_run,
+    check_memory_budget,
     chunk_groups,
     default_memory_budget,
     hooks_added,
-    read_metric,
+    metric_values,
+    read_logits,
     run_blocks,
     runs_per_chunk,
+    warn_if_over_budget,
 )
 from circuitkit.core.errors import CircuitkitError, ShapeError
 from circuitkit.core.graph import (
@@ -55,8 +59,8 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import HookedTransformer
-from circuitkit.core.metrics import check_metric_output, select_examples
+from circuitkit.core.lens import HookedTransformer, is_bridge
+from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 
 EdgeRun = Union[Collection[Edge], Tensor]  # noqa: UP007 (a runtime alias on 3.10)
 
@@ -85,9 +89,17 @@ def patch_edges(
     positions), or ``sender_outputs(model, reference).mean()`` to mean-ablate edges.
 
     The fast path batches runs like the intervention engine (stacked along the batch, chunks
-    sized to ``memory_budget``, each chunk starting at the first layer its runs change);
-    ``reference=True`` runs one plain ``run_with_hooks`` forward per run. The model's
-    configuration flags and hooks are as before afterwards, also after an error.
+    sized to ``memory_budget``, each chunk starting at the first layer its runs change).
+    ``memory_budget`` is a number of bytes, as for ``ck.run_interventions``; it covers, by
+    estimate, what the fast path keeps for a group of examples (the base run's residual
+    streams, keys and values, its senders' outputs and their deltas from ``replacement``)
+    plus one chunk's activations, deltas and corrections. When one run of every example does
+    not fit, the examples go in groups; when one run of one example does not, a warning says
+    how much the call takes. It does not cover the model, ``replacement`` or the results.
+    ``reference=True`` runs one plain ``run_with_hooks`` forward per run. The metric is called
+    after each forward's hooks are removed and the flags put back, so a metric that runs the
+    model itself sees the plain model. The model's configuration flags and hooks are as
+    before afterwards, also after an error.
 
     Returns the per-example metric, shape ``[len(runs), n]``, on the CPU.
 
@@ -101,6 +113,7 @@ def patch_edges(
                                                   replacement=mean)
     """
     where = "patch_edges"
+    memory_budget = check_memory_budget(memory_budget, where)
     graph = Graph.of(model, where)
     tokens, _ = as_tokens(base, "base", where, model=model)
     tokens = tokens.to(model.cfg.device)
@@ -111,12 +124,16 @@ def patch_edges(
         )
     n = tokens.shape[0]
     check_graph_metric(metric, n, where)
+    if isinstance(metric, Metric):
+        metric.check_positions(tokens.shape[1], where)
     masks = run_masks(graph, runs, where)
     _check_replacement(model, replacement, tokens, where)
     if not len(masks):
         return torch.zeros(0, n)
-    with torch.no_grad(), split_inputs(model):
-        if reference:
+    with torch.no_grad():
+        # the fast path runs TransformerLens 3's blocks one by one; a bridge's run through its
+        # own forward, one per run
+        if reference or is_bridge(model):
             return _patch_edges_reference(
                 model, graph, tokens, masks, metric, replacement, progress, desc
             )
@@ -213,9 +230,19 @@ def _patch_edges_fast(
     per_example = bytes_per_run(model, 1, n_pos, n_pos, full_logits=False) + itemsize * n_pos * (
         len(graph.senders) * cfg.d_model + inputs_per_position
     )
+    # What a group keeps while its runs go, per example: the base run's residual streams,
+    # keys and values, its senders' outputs and their deltas from the replacement.
+    d_kv = graph.n_kv_heads * cfg.d_head
+    d_outputs = cfg.d_model + cfg.n_layers * (
+        cfg.n_heads * cfg.d_head + graph.has_mlp * cfg.d_model
+    )
+    kept_per_position = (cfg.n_layers + 1) * cfg.d_model + 2 * cfg.n_layers * d_kv + d_outputs
+    kept_per_example = itemsize * n_pos * (kept_per_position + len(graph.senders) * cfg.d_model)
     budget = memory_budget if memory_budget is not None else default_memory_budget(model)
-    group = max(1, min(n, int(budget // per_example)))
-    size = runs_per_chunk(model, per_example * group, budget, max_runs_per_chunk)
+    group = max(1, min(n, int(budget // (kept_per_example + per_example))))
+    kept = kept_per_example * group
+    warn_if_over_budget("patch_edges", budget, memory_budget is None, kept, per_example * group)
+    size = runs_per_chunk(model, per_example * group, max(budget - kept, 0), max_runs_per_chunk)
 
     # A run changes nothing before its first receiver with a patched edge.
     touched = masks.any(dim=2)
@@ -263,7 +290,7 @@ def _patch_edges_group(
         (name, lambda act, name=name: recorded.__setitem__(name, act))
         for name in [embed_name, *z_names, *mlp_names]
     ]
-    with hooks_added(model, record):
+    with split_inputs(model), hooks_added(model, record):
         base = base_run(model, tokens)
     base_outputs = SenderOutputs(
         recorded[embed_name],
@@ -287,13 +314,16 @@ def _patch_edges_group(
         hooks = _edge_hooks(
             model, graph, chunk_masks.any(dim=(0, 2)), weights, deltas, replacement, c, n, start
         )
-        with hooks_added(model, hooks):
+        with split_inputs(model), hooks_added(model, hooks):
             residual = run_blocks(model, tokens, c, start, 0, n_layers, base)
             row = graph.logits_row
             if chunk_masks[:, row].any():
                 correction = _correction(deltas, weights[:, row : row + 1])
                 residual = residual - correction.reshape(residual.shape)
-            values = read_metric(model, residual, metric, c, n, 0, base)
+            logits = read_logits(model, residual, metric, c, n, 0, base)
+        # with the hooks removed and the flags put back, as in the reference path: a metric
+        # that runs the model itself sees the plain model
+        values = metric_values(logits, metric, c, n, "patch_edges")
         results[torch.tensor(chunk)] = values.float().cpu()
         bar.update(c)
     return results
@@ -478,8 +508,10 @@ def _patch_edges_reference(
                 )
         final = Resid(graph.n_layers - 1, "post").hook_name(model)
         hooks.append((final, lambda x, hook: patch(x, hook, [(LOGITS, None)])))
-        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-        out.append(check_metric_output(metric(logits), n, "patch_edges").float().cpu())
+        with split_inputs(model):
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        values = metric(logits.float())  # on the plain model, as in the fast path
+        out.append(check_metric_output(values, n, "patch_edges").float().cpu())
     return torch.stack(out)
 
 

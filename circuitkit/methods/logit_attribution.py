@@ -107,6 +107,8 @@ def direct_logit_attribution(
     where = "direct_logit_attribution"
     if by not in _BY:
         raise CircuitkitError(f"{where}: by must be one of {_BY}, got {by!r}")
+    if layers is not None and by != "neuron":
+        raise CircuitkitError(f"{where}: layers= is only for by='neuron', got by={by!r}")
     _check_no_softcap(model, where)
     cfg = model.cfg
     resid_final = _cached(cache, Resid(cfg.n_layers - 1, "post").hook_name(model), where, by)

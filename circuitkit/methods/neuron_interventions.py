@@ -19,6 +19,7 @@ from torch import Tensor
 
 from circuitkit.core.components import (
     Neuron,
+    check_component,
     selection_mask,
 )
 from circuitkit.core.errors import CircuitkitError, ComponentError
@@ -154,7 +155,7 @@ def intervene_on_neuron(
     if isinstance(positions, (list, range)):
         positions = tuple(positions)
     neuron = Neuron(layer_idx, neuron_idx, pos=positions)
-    neuron.validate(model)
+    check_component(neuron, model, where)
     tokens, _ = as_input_ids(model, input_ids, where)
     n_pos = tokens.shape[1]
     if read != "all":
