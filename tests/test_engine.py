@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from _device import allclose, assert_close, equal
+from _device import DEVICE, allclose, assert_close, equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +18,15 @@ from circuitkit.core import engine
 from circuitkit.core.components import Attn, Embed, Head, Neuron, Resid
 from circuitkit.core.engine import record_activations, run_interventions
 from circuitkit.core.errors import ComponentError, MetricError, ShapeError
-from circuitkit.core.interventions import Add, Intervention, Patch, Scale, SetTo, Zero
+from circuitkit.core.interventions import (
+    Add,
+    Intervention,
+    Patch,
+    Scale,
+    SetTo,
+    Zero,
+    value_tensor,
+)
 from circuitkit.core.metrics import Metric
 
 
@@ -739,17 +747,20 @@ class _ManyRuns(Sequence):
 
 def test_huge_calls_are_refused_up_front(tiny_gpt2):
     base, cache, metric, positions, g = random_case(tiny_gpt2, 39)
+    # results are made on the model's device first: on a GPU its memory is checked first
+    memory = r"GPU memory \(cuda[:0-9]*\)" if DEVICE.startswith("cuda") else "CPU memory"
     with pytest.raises(
         ck.CircuitkitError,
-        match=r"^run_interventions: 1,000,000,000,000 runs need about .* TiB of CPU memory for "
+        match=rf"^run_interventions: 1,000,000,000,000 runs need about .* TiB of {memory} for "
         r"their results, but .* is available; split the runs",
     ):
         run_interventions(tiny_gpt2, base, _ManyRuns(10**12), metric)
     with pytest.raises(
         ck.CircuitkitError,
-        match=r"^record_activations: 10,000,000 runs need about .* for the recorded activations",
+        match=r"^record_activations: 1,000,000,000 runs need about .* for the recorded activations",
     ):
-        record_activations(tiny_gpt2, base, _ManyRuns(10**7), [Resid(1)])
+        # more than any GPU's memory holds too
+        record_activations(tiny_gpt2, base, _ManyRuns(10**9), [Resid(1)])
 
 
 def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
@@ -775,8 +786,15 @@ def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wide = run_interventions(tiny_gpt2, base, runs, metric, memory_budget=enough, **kwargs)
-    # chunks are sized to what the cached activations leave
-    assert budgets and {budget for _, budget in budgets} == {enough - kept}
+    # chunks are sized to what the cached activations and the patched-in values leave
+    values = {}
+    for run in runs:
+        for intervention in run if isinstance(run, (list, tuple)) else [run]:
+            tensor = value_tensor(intervention.value)
+            if tensor is not None:
+                values[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    assert values  # the runs patch cached activations in
+    assert budgets and {budget for _, budget in budgets} == {enough - kept - sum(values.values())}
     one_run = max(per_run for per_run, _ in budgets)
     # a budget that holds one run but not the cached activations too: one warning, same values
     with warnings.catch_warnings(record=True) as caught:
@@ -785,5 +803,5 @@ def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert messages[0].startswith("run_interventions: memory_budget of ")
-    assert "cannot be met: the base run's cached activations take " in messages[0]
+    assert "the base run's cached activations and the runs' values take " in messages[0]
     assert_close(narrow, wide, atol=1e-5, rtol=1e-5)

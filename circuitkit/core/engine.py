@@ -43,6 +43,12 @@ Fast path (the default):
 Reference path (``reference=True``): one plain ``run_with_hooks`` forward per run, computing the
 full logits and calling the metric on them. Tests compare the two.
 
+On a TransformerLens 4 ``TransformerBridge`` the runs are still stacked along the batch in
+chunks, with one hook per hook point applying a chunk's interventions at once, but each chunk is
+one whole forward of TransformerLens's own: a bridge runs its transformers model's blocks, which
+compute every layer even when asked to start later and take no cached keys and values, so
+nothing before a run's first patch can be skipped.
+
 ``record_activations`` runs the same interventions but, instead of a metric, returns activations
 recorded under each run (what a method needs when one run's activations feed the next, as in
 path patching). Its fast path stops after the last layer it records; it has the same reference.
@@ -68,7 +74,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitkit.core import blocks
-from circuitkit.core.components import Component, selection_mask
+from circuitkit.core.components import Component, Resid, check_component, selection_mask
 from circuitkit.core.errors import CircuitkitError, ComponentError, MetricError, ShapeError
 from circuitkit.core.inputs import check_token_ids
 from circuitkit.core.interventions import (
@@ -84,7 +90,13 @@ from circuitkit.core.interventions import (
     apply_value,
     value_tensor,
 )
-from circuitkit.core.lens import HookedTransformer, TransformerLensKeyValueCacheEntry, apply_softcap
+from circuitkit.core.lens import (
+    HookedTransformer,
+    Model,
+    TransformerLensKeyValueCacheEntry,
+    apply_softcap,
+    is_bridge,
+)
 from circuitkit.core.metrics import Metric, check_metric_output
 
 
@@ -127,13 +139,14 @@ def run_interventions(
     ``memory_budget`` is a number of bytes (a positive int, or a float with no fractional
     part such as ``1e9``; default: 2 GiB on CPU, half the free memory on a GPU). It covers
     what the fast path keeps on the model's device for the whole call (the base run's cached
-    residual streams, keys and values, the unembedding laid out for it, and for a plain
-    callable metric the logits tensor it is given) plus the activations of one chunk's forward
-    pass, by estimate; chunks are sized to what is left. It does not cover the model, the
-    inputs and values given, the returned results, or the one base forward and metric probe
-    made before the chunks. When even one run does not fit, the runs go one per forward pass
-    and a warning says how much that takes. A call whose results alone would not fit in the
-    memory available is refused before any work.
+    residual streams, keys and values, the unembedding laid out for it, the tensors the runs
+    put in, such as a ``Patch``'s source activations, each once, and for a plain callable
+    metric the logits tensor it is given) plus the activations of one chunk's forward pass,
+    by estimate; chunks are sized to what is left. It does not cover the model, the inputs,
+    the returned results, or the one base forward and metric probe made before the chunks.
+    When even one run does not fit, the runs go one per forward pass and a warning says how
+    much that takes. A call whose results alone would not fit in the memory available is
+    refused before any work.
 
     The metric is first evaluated on the unpatched base run, so a metric of the wrong shape
     fails before any patched run. A plain callable is then probed for the positions of the
@@ -154,7 +167,7 @@ def run_interventions(
     """
     if where is None:
         where = desc if desc != "interventions" else "run_interventions"
-    memory_budget = _check_memory_budget(memory_budget, where)
+    memory_budget = check_memory_budget(memory_budget, where)
     tokens = _check_tokens(model, tokens, where)
     n = tokens.shape[0]
     runs = runs if isinstance(runs, Sized) else list(runs)
@@ -163,15 +176,22 @@ def run_interventions(
     _check_fits(model, len(runs), results_bytes, results_bytes, "their results", where)
     runs_list = _check_runs(model, runs, where)
     _check_metric_object(metric, n, where)
+    if isinstance(metric, Metric):
+        metric.check_positions(tokens.shape[1], where)
     if not runs_list:
         return torch.zeros(0, n)
 
     with torch.no_grad():
-        if reference:
+        if reference or is_bridge(model):
             # the metric's shape, checked on the plain model before one forward per run
             check_metric_values(metric(model(tokens).float()), n, where)
             compiled = _compile(model, tokens, runs_list, positions, where)
-            return _run_reference(model, tokens, compiled, metric, progress, desc, where)
+            if reference:
+                return _run_reference(model, tokens, compiled, metric, progress, desc, where)
+            budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+            return _run_bridge(
+                model, tokens, compiled, metric, budget, max_runs_per_chunk, progress, desc, where
+            )
         # resolved before the base run, whose cached activations the budget holds too
         budget = memory_budget if memory_budget is not None else default_memory_budget(model)
         # the base run is needed anyway; the metric on it fails before any chunk is computed
@@ -226,10 +246,11 @@ def record_activations(
     the run's (in a causal model they cannot change the earlier ones).
 
     ``memory_budget`` is given as to ``run_interventions`` and covers, in the fast path, the
-    base run's cached residual streams, keys and values plus one chunk's activations and
-    recordings, by estimate; it does not cover the model, the inputs, or the returned
-    tensors, which are checked against the memory available before any work. When even one
-    run does not fit, the runs go one per forward pass and a warning says how much that takes.
+    base run's cached residual streams, keys and values and the tensors the runs put in, plus
+    one chunk's activations and recordings, by estimate; it does not cover the model, the
+    inputs, or the returned tensors, which are checked against the memory available before
+    any work. When even one run does not fit, the runs go one per forward pass and a warning
+    says how much that takes.
 
     Returns one tensor per component of ``record``, shape ``[len(runs), n, ...]``, on the
     model's device; components at the same hook share one tensor.
@@ -242,7 +263,7 @@ def record_activations(
         q10.shape    # [1, n, pos, n_heads, d_head]
     """
     where = "record_activations"
-    memory_budget = _check_memory_budget(memory_budget, where)
+    memory_budget = check_memory_budget(memory_budget, where)
     tokens = _check_tokens(model, tokens, where)
     runs = runs if isinstance(runs, Sized) else list(runs)
     record = list(record) if not isinstance(record, Component) else [record]
@@ -251,7 +272,7 @@ def record_activations(
             f"{where}: record must be a non-empty list of components, got {record!r}"
         )
     for component in record:
-        component.validate(model)
+        check_component(component, model, where)
     layers = {c.hook_name(model): (c.layer, c.pos_dim) for c in record}
     last = _check_last_positions(last_positions, tokens, where)
 
@@ -271,6 +292,19 @@ def record_activations(
             if reference:
                 acts = _record_reference(model, tokens, compiled, layers, progress, desc)
                 acts = _base_after_last(model, tokens, acts, layers, last)
+            elif is_bridge(model):
+                acts = _record_bridge(
+                    model,
+                    tokens,
+                    compiled,
+                    layers,
+                    shapes,
+                    memory_budget,
+                    max_runs_per_chunk,
+                    progress,
+                    desc,
+                )
+                acts = _base_after_last(model, tokens, acts, layers, last)
             else:
                 acts = _record_fast(
                     model,
@@ -287,7 +321,7 @@ def record_activations(
     return [acts[c.hook_name(model)] for c in record]
 
 
-def _check_memory_budget(budget: object, where: str) -> int | None:
+def check_memory_budget(budget: object, where: str) -> int | None:
     """``budget`` as an int number of bytes (None stays None), or a CircuitkitError.
 
     A positive int is taken as it is, and so is a float with no fractional part (``1e9``,
@@ -423,7 +457,7 @@ def _check_runs(
                     f"{where}: each run must hold Intervention objects, got "
                     f"{type(intervention).__name__}"
                 )
-            intervention.component.validate(model)
+            check_component(intervention.component, model, where)
     return runs_list
 
 
@@ -501,7 +535,7 @@ def _compile(
             hook = comp.hook_name(model)
             key = _mask_key(comp, model, shapes[hook])
             if key not in cpu_masks:
-                mask = selection_mask(comp, model, shapes[hook], positions, "cpu")
+                mask = selection_mask(comp, model, shapes[hook], positions, "cpu", where)
                 first, last = _position_range(mask, comp.pos_dim)
                 cpu_masks[key] = (mask, first, last)
             _check_value(intervention, shapes[hook])
@@ -540,19 +574,17 @@ def _activation_shapes(
     shapes: dict[str, torch.Size] = {}
     if not names:  # only unpatched runs
         return shapes
-    handles = [
-        model.hook_dict[name].register_forward_hook(
-            lambda module, inputs, output, name=name: shapes.__setitem__(name, output.shape)
-        )
-        for name in names
-    ]
     stop = max(c.layer for c in components) + 1
-    try:
+    with hooks_added(model, [(name, _shape_hook(shapes, name)) for name in names]):
         model(tokens, stop_at_layer=max(stop, 1))
-    finally:
-        for handle in handles:
-            handle.remove()
     return shapes
+
+
+def _shape_hook(shapes: dict[str, torch.Size], name: str) -> Callable[[Tensor], None]:
+    def hook(act: Tensor) -> None:
+        shapes[name] = act.shape
+
+    return hook
 
 
 def _position_range(mask: Tensor, pos_dim: int) -> tuple[int, int]:
@@ -719,6 +751,98 @@ def _store_hook(into: list[Tensor]) -> Callable:
     return hook
 
 
+def _run_bridge(
+    model: Model,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    metric: MetricLike,
+    memory_budget: int,
+    max_runs_per_chunk: int | None,
+    progress: bool,
+    desc: str,
+    where: str,
+) -> Tensor:
+    """The runs on a ``TransformerBridge``: chunks of runs stacked along the batch, each chunk
+    one forward of TransformerLens's own, with one hook per hook point applying all of the
+    chunk's interventions at once (``_chunk_hooks``).
+
+    A bridge runs its Hugging Face model's blocks, which take no cached keys and values and
+    compute every layer even when asked to start later (``start_at_layer``), so every run
+    starts at the embeddings and computes every position; unpatched runs are not computed."""
+    n, n_pos = tokens.shape
+    results = torch.empty(len(compiled), n, device=tokens.device)
+    touched = [r for r, items in enumerate(compiled) if any(i.first_pos < n_pos for i in items)]
+    if len(touched) < len(compiled):
+        base_logits = _bridge_read(model(tokens), metric, 1, n)
+        base_values = metric_values(base_logits, metric, 1, n, where)[0]
+        results[:] = base_values.float()
+    per_run = bytes_per_run(model, n, n_pos, n_pos, full_logits=True)
+    size = runs_per_chunk(model, per_run, memory_budget, max_runs_per_chunk)
+    with tqdm(total=len(touched), desc=desc, disable=not progress, leave=False) as bar:
+        for begin in range(0, len(touched), size):
+            chunk = touched[begin : begin + size]
+            c = len(chunk)
+            hooks = _chunk_hooks([compiled[r] for r in chunk], c, n, 0)
+            with hooks_added(model, hooks.items()):
+                logits = model(_tile(tokens, c))
+            # with the hooks removed, as in the reference path
+            values = metric_values(_bridge_read(logits, metric, c, n), metric, c, n, where)
+            results[torch.tensor(chunk, device=results.device)] = values.float()
+            bar.update(c)
+    return _check_finite(results.cpu(), where)
+
+
+def _bridge_read(logits: Tensor, metric: MetricLike, c: int, n: int) -> Tensor:
+    """A chunk's logits [c * n, pos, d_vocab] as ``metric_values`` takes them: [c, n, d_vocab]
+    at a ``Metric``'s positions, else the full [c, n, pos, d_vocab]."""
+    logits = logits.view(c, n, *logits.shape[1:])
+    if isinstance(metric, Metric):
+        rows = torch.arange(n, device=logits.device)
+        return logits[:, rows, metric.positions.to(logits.device)]
+    return logits
+
+
+def _record_bridge(
+    model: Model,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    record: Mapping[str, tuple[int, int]],
+    shapes: Mapping[str, torch.Size],
+    memory_budget: int | None,
+    max_runs_per_chunk: int | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Tensor]:
+    """``record_activations`` on a ``TransformerBridge``: chunks of runs stacked along the batch
+    through TransformerLens's own forward (as ``_run_bridge``), stopping after the last
+    recorded layer."""
+    n, n_pos = tokens.shape
+    budget = memory_budget if memory_budget is not None else default_memory_budget(model)
+    stop = max(layer for layer, _ in record.values()) + 1
+    itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
+    recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
+    per_run = bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
+    size = runs_per_chunk(model, per_run, budget, max_runs_per_chunk)
+    recorded: dict[str, list[Tensor]] = {name: [] for name in record}
+    with tqdm(total=len(compiled), desc=desc, disable=not progress, leave=False) as bar:
+        for begin in range(0, len(compiled), size):
+            chunk = compiled[begin : begin + size]
+            c = len(chunk)
+
+            def store(act: Tensor, name: str, c: int = c) -> None:
+                recorded[name].append(act.reshape(c, n, *act.shape[1:]).clone())
+
+            hooks = [
+                *_chunk_hooks(chunk, c, n, 0).items(),
+                # added after the interventions, so they see the activations the interventions made
+                *[(name, lambda act, name=name: store(act, name)) for name in record],
+            ]
+            with hooks_added(model, hooks):
+                model(_tile(tokens, c), stop_at_layer=stop)
+            bar.update(c)
+    return {name: torch.cat(acts) for name, acts in recorded.items()}
+
+
 def _run_fast(
     model: HookedTransformer,
     tokens: Tensor,
@@ -747,13 +871,13 @@ def _run_fast(
     elif isinstance(metric, _ProbedMetric) and metric.positions.shape[1] == 1:
         one_read = metric.positions[:, 0]
     # the budget holds what the call keeps throughout; chunks get what is left
-    kept = kept_bytes(base)
+    kept = kept_bytes(base) + values_bytes(compiled)
     if isinstance(metric, _ProbedMetric):
         kept += metric.logits.numel() * metric.logits.element_size()
     # the largest run computes every position from the earliest one any run starts at
     earliest = min(pos for _, pos, _ in starts)
     largest = bytes_per_run(model, n, n_pos - earliest, n_pos, one_read is None)
-    _warn_if_over_budget(where, budget, default_budget, kept, largest)
+    warn_if_over_budget(where, budget, default_budget, kept, largest)
 
     def chunk_size(key: tuple[int, int, bool]) -> int:
         per_run = bytes_per_run(model, n, n_pos - key[0], n_pos, one_read is None)
@@ -894,8 +1018,8 @@ def _record_fast(
     itemsize = torch.empty((), dtype=model.cfg.dtype).element_size()
     recorded_per_run = itemsize * sum(math.prod(shapes[name]) for name in record)
     per_run = bytes_per_run(model, n, n_pos, n_pos, full_logits=False) + recorded_per_run
-    kept = kept_bytes(base)
-    _warn_if_over_budget("record_activations", budget, memory_budget is None, kept, per_run)
+    kept = kept_bytes(base) + values_bytes(compiled)
+    warn_if_over_budget("record_activations", budget, memory_budget is None, kept, per_run)
     size = runs_per_chunk(model, per_run, max(budget - kept, 0), max_runs_per_chunk)
 
     chunks = list(chunk_groups(starts, lambda start: size))
@@ -999,7 +1123,20 @@ def kept_bytes(base: BaseRun) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _warn_if_over_budget(where: str, budget: int, default: bool, kept: int, per_run: int) -> None:
+def values_bytes(compiled: list[list[_Compiled]]) -> int:
+    """Bytes of the tensors the runs put in (a ``Patch``'s source activations, a mean for
+    ``SetTo``, ...) as the call holds them on the device, each storage once."""
+    storages: dict[int, int] = {}
+    for items in compiled:
+        for item in items:
+            tensor = value_tensor(item.value)
+            if tensor is not None:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def warn_if_over_budget(where: str, budget: int, default: bool, kept: int, per_run: int) -> None:
     """Warn when the memory budget cannot hold what the call keeps (``kept`` bytes) plus one run
     (``per_run``). Called once per call from ``_run_fast`` or ``_record_fast``, so the warning
     points at the line that called ``run_interventions`` or ``record_activations``."""
@@ -1008,7 +1145,8 @@ def _warn_if_over_budget(where: str, budget: int, default: bool, kept: int, per_
     given = "the default memory budget" if default else "memory_budget"
     warnings.warn(
         f"{where}: {given} of {format_bytes(budget)} cannot be met: the base run's cached "
-        f"activations take {format_bytes(kept)} and one run {format_bytes(per_run)} more; "
+        f"activations and the runs' values take {format_bytes(kept)} and one run "
+        f"{format_bytes(per_run)} more; "
         f"computing one run per forward pass (about {format_bytes(kept + per_run)})",
         UserWarning,
         stacklevel=4,
@@ -1044,7 +1182,16 @@ def hooks_added(
     model: HookedTransformer, hooks: Iterable[tuple[str, Callable[[Tensor], Tensor | None]]]
 ) -> Iterator[None]:
     """Forward hooks ``fn(activation) -> replacement or None`` on hook points, in the order
-    given, removed on exit (also when an exception is raised)."""
+    given, removed on exit (also when an exception is raised).
+
+    On a ``TransformerBridge`` they go through its own ``hooks`` context: a bridge's hook point
+    may hold an activation in another layout (``hook_z`` is ``attn.o.hook_in``, whose output is
+    [batch, pos, d_model]) that only its hook conversion turns into TransformerLens's."""
+    if is_bridge(model):
+        fwd_hooks = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in hooks]
+        with model.hooks(fwd_hooks=fwd_hooks):
+            yield
+        return
     handles = []
     try:
         for name, fn in hooks:
@@ -1400,6 +1547,27 @@ def _full_logits_cost(model: HookedTransformer, n_pos: int) -> float:
     unembed = cfg.d_model * cfg.d_vocab
     blocks_work = n_pos * cfg.n_layers / 2 * block
     return (blocks_work + n_pos * unembed) / (blocks_work + unembed)
+
+
+def final_residual(model: Model, tokens: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream after the last block (what the final norm reads), with gradients
+    when they are on.
+
+    A HookedTransformer stops there (``stop_at_layer=n_layers``); a ``TransformerBridge``
+    given ``stop_at_layer=n_layers`` runs to the logits, so its last block's output is read
+    from its hook point instead.
+
+    Example::
+
+        logits = unembed_residual(model, final_residual(model, tokens))
+    """
+    if not is_bridge(model):
+        return model(tokens, stop_at_layer=model.cfg.n_layers)
+    found: list[Tensor] = []
+    last = Resid(model.cfg.n_layers - 1, "post").hook_name(model)
+    with hooks_added(model, [(last, found.append)]):
+        model(tokens)
+    return found[0]
 
 
 def unembed_residual(

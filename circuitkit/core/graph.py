@@ -42,7 +42,12 @@ from circuitkit.core.components import MLP, Component, Embed, Head, Resid
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import POST_NORM_ARCHITECTURES, HookedTransformer, HookedTransformerConfig
+from circuitkit.core.lens import (
+    POST_NORM_ARCHITECTURES,
+    HookedTransformer,
+    HookedTransformerConfig,
+    is_bridge,
+)
 from circuitkit.core.metrics import Metric
 from circuitkit.core.results import Result
 
@@ -154,7 +159,7 @@ class Graph:
                 "and its graph has no edges to patch"
             )
         n_kv_heads = cfg.n_key_value_heads
-        if n_kv_heads is None or cfg.ungroup_grouped_query_attention:
+        if n_kv_heads is None or getattr(cfg, "ungroup_grouped_query_attention", False):
             n_kv_heads = cfg.n_heads
         return cls(
             n_layers=cfg.n_layers,
@@ -357,6 +362,17 @@ def split_inputs(model: HookedTransformer) -> Iterator[None]:
     """Within the block, every head's query, key and value input and every MLP's input is its own
     activation (``cfg.use_split_qkv_input``, ``cfg.use_hook_mlp_in``); both flags are put back as
     they were on exit, also when an exception is raised."""
+    if is_bridge(model):  # a bridge keeps both flags on its config and sets them itself
+        split, mlp_in = model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in
+        try:
+            model.set_use_split_qkv_input(True)
+            if not model.cfg.attn_only:
+                model.set_use_hook_mlp_in(True)
+            yield
+        finally:
+            model.set_use_split_qkv_input(split)
+            model.set_use_hook_mlp_in(mlp_in)
+        return
     configs: dict[int, HookedTransformerConfig] = {}
     for module in model.modules():
         cfg = getattr(module, "cfg", None)

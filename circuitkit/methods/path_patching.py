@@ -40,6 +40,7 @@ only those positions, and the engine computes each example from the first of the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -573,39 +574,41 @@ def _path_patching_reference(
     for group in tqdm(experiments, desc=f"{desc} (reference)", disable=not progress, leave=False):
         # Step 1: every head's output is its base value, except the senders' entries, which
         # take the source's; MLPs are recomputed, and MLP senders take the source's values.
-        def hold_heads(z: Tensor, hook: Any, group: tuple[Component, ...] = group) -> Tensor:
-            senders_here = [c for c in group if c.hook_name(model) == hook.name]
+        # Each hook is told the name it was added under: on a TransformerBridge ``hook.name``
+        # is the hook point's own name (``attn.o.hook_in`` for ``attn.hook_z``).
+        def hold_heads(z: Tensor, hook: Any, group: tuple = group, *, name: str) -> Tensor:
+            senders_here = [c for c in group if c.hook_name(model) == name]
             if not senders_here:
-                return base_cache[hook.name]
-            return put(base_cache[hook.name], senders_here, source_cache[hook.name])
+                return base_cache[name]
+            return put(base_cache[name], senders_here, source_cache[name])
 
-        def patch_mlp(mlp_out: Tensor, hook: Any, group: tuple[Component, ...] = group) -> Tensor:
-            senders_here = [c for c in group if c.hook_name(model) == hook.name]
-            return put(mlp_out, senders_here, source_cache[hook.name])
+        def patch_mlp(mlp_out: Tensor, hook: Any, group: tuple = group, *, name: str) -> Tensor:
+            senders_here = [c for c in group if c.hook_name(model) == name]
+            return put(mlp_out, senders_here, source_cache[name])
 
         recorded: dict[str, Tensor] = {}
 
-        def record(act: Tensor, hook: Any, recorded: dict[str, Tensor] = recorded) -> None:
-            recorded[hook.name] = act.clone()
+        def record(act: Tensor, hook: Any, recorded: dict = recorded, *, name: str) -> None:
+            recorded[name] = act.clone()
 
         mlp_names = {c.hook_name(model) for c in group if isinstance(c, MLP)}
         model.run_with_hooks(
             base,
-            fwd_hooks=[(name, hold_heads) for name in z_names]
-            + [(name, patch_mlp) for name in mlp_names]
-            + [(name, record) for name in receiver_names],
+            fwd_hooks=[(name, partial(hold_heads, name=name)) for name in z_names]
+            + [(name, partial(patch_mlp, name=name)) for name in mlp_names]
+            + [(name, partial(record, name=name)) for name in receiver_names],
             return_type=None,
         )
 
         # Step 2: only the receivers' inputs are replaced, by what step 1 recorded.
         def patch_receivers(
-            act: Tensor, hook: Any, recorded: dict[str, Tensor] = recorded
+            act: Tensor, hook: Any, recorded: dict = recorded, *, name: str
         ) -> Tensor:
-            receivers_here = [r for r in receivers if r.hook_name(model) == hook.name]
-            return put(act, receivers_here, recorded[hook.name])
+            receivers_here = [r for r in receivers if r.hook_name(model) == name]
+            return put(act, receivers_here, recorded[name])
 
         logits = model.run_with_hooks(
-            base, fwd_hooks=[(name, patch_receivers) for name in receiver_names]
+            base, fwd_hooks=[(name, partial(patch_receivers, name=name)) for name in receiver_names]
         )
         out.append(check_metric_output(metric(logits), base.shape[0], _WHERE).float().cpu())
     return torch.stack(out)

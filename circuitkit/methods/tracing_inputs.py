@@ -276,14 +276,19 @@ def cache_of(
     names = {comp.hook_name(model) for comp in components}
     cache: dict[str, Tensor] = {}
 
-    def save(act: Tensor, hook) -> None:
-        cache[hook.name] = act.detach().clone()
+    def save(act: Tensor, name: str) -> None:
+        cache[name] = act.detach().clone()
 
     # nothing after the last cached layer is needed
     stop = max(comp.layer for comp in components) + 1
+    # keyed by the name asked for, not ``hook.name``: a bridge's hook point has its own name
+    # (``blocks.0.hook_in`` for ``blocks.0.hook_resid_pre``)
     model.run_with_hooks(
         tokens,
-        fwd_hooks=[*fwd_hooks, *((name, save) for name in names)],
+        fwd_hooks=[
+            *fwd_hooks,
+            *((name, lambda act, hook, name=name: save(act, name)) for name in names),
+        ],
         stop_at_layer=max(stop, 1),
     )
     return cache
