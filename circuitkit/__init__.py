@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from circuitkit.circuits.curves import cmd, cpr, faithfulness_curve
     from circuitkit.circuits.discovery import discover_circuit
     from circuitkit.circuits.faithfulness import (
-        Ablation,
         Faithfulness,
         completeness,
         faithfulness,
@@ -61,7 +60,7 @@ if TYPE_CHECKING:
     from circuitkit.data.tiny import tiny_model
     from circuitkit.interface.plot import plot, plot_causal_trace, plot_curves
     from circuitkit.interface.plot_circuit import plot_circuit
-    from circuitkit.methods.ablation import AblationMethod, ablate, ablation_sweep
+    from circuitkit.methods.ablation import Ablation, AblationMethod, ablate, ablation_sweep
     from circuitkit.methods.activation_patching import activation_patching
     from circuitkit.methods.attention_scores import attention_head_scores, attention_scores
     from circuitkit.methods.attribution_patching import (
@@ -86,7 +85,7 @@ _PUBLIC = {
     "Circuit": "circuitkit.circuits.circuit",
     "CircuitHead": "circuitkit.circuits.circuit",
     "discover_circuit": "circuitkit.circuits.discovery",
-    "Ablation": "circuitkit.circuits.faithfulness",
+    "Ablation": "circuitkit.methods.ablation",
     "Faithfulness": "circuitkit.circuits.faithfulness",
     "faithfulness_table": "circuitkit.circuits.faithfulness",
     "faithfulness_curve": "circuitkit.circuits.curves",

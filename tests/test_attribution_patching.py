@@ -12,6 +12,7 @@ from _device import DEVICE, assert_close, equal
 
 import circuitkit as ck
 from circuitkit.core.errors import CircuitkitError, ShapeError
+from circuitkit.core.graph import SenderOutputs
 from circuitkit.core.metrics import Metric
 from circuitkit.methods.attribution_patching import _edge_reference
 
@@ -219,6 +220,87 @@ def test_eap_equals_reference(kind, method):
     assert slow[:, rows, columns].std() > 1e-2
 
 
+def ablated_by_hand(model, ds, abc, value, seed=0):
+    """The senders' ablated outputs, written out: the mean over the ABC prompts, that mean
+    within each prompt's template, one ABC prompt drawn per example (the draws of ck.ablate:
+    a generator seeded with ``seed``), or zeros."""
+    outputs = ck.sender_outputs(model, abc)
+    if value == "zero":
+        return SenderOutputs(
+            outputs.embed[:1] * 0, tuple(z[:1] * 0 for z in outputs.z),
+            tuple(out[:1] * 0 for out in outputs.mlp_out),
+        )  # fmt: skip
+    if value == "resample":
+        index = torch.randint(0, abc.n, (ds.n,), generator=torch.Generator().manual_seed(seed))
+        index = index.to(outputs.embed.device)
+    else:
+        index = None
+
+    def take(x):
+        if index is not None:
+            return x[index]
+        if value == "mean":
+            return x.mean(0, keepdim=True)
+        same = [[j for j in range(abc.n) if abc.templates[j] == t] for t in ds.templates]
+        return torch.stack([x[m].mean(0) for m in same])
+
+    return SenderOutputs(
+        take(outputs.embed), tuple(map(take, outputs.z)), tuple(map(take, outputs.mlp_out))
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, value, method",
+    [("gpt2", "mean-template", "eap-ig"), ("llama", "mean", "eap"), ("llama", "resample", "eap-ig"),
+     ("attn-only", "zero", "eap-ig")],
+)  # fmt: skip
+def test_eap_against_ablated_values_equals_reference(kind, value, method):
+    model = ck.tiny_model(kind).to(DEVICE)
+    ds = ck.IOIDataset(model, n=6, seed=3)
+    abc, metric = ds.corrupted("ABC"), ck.metrics.logit_diff(ds)
+    graph = ck.Graph.of(model)
+    fast = ck.edge_attribution_patching(
+        model, ds, abc, metric, method=method, steps=2, ablation=value, progress=False
+    )
+    assert fast.info["ablation"] == value
+    other = ablated_by_hand(model, ds, abc, value)
+    g = torch.Generator().manual_seed(2)
+    valid = graph.valid.nonzero()
+    sample = valid[torch.randperm(len(valid), generator=g)[:20]].tolist()
+    sample += [[graph.logits_row, 0], [graph.attn_rows(1).stop - 1, 1]]
+    steps = 2 if method == "eap-ig" else 1
+    slow, _ = _edge_reference(model, graph, ds.tokens, other, metric, steps, sample, False, "")
+    rows, columns = torch.tensor(sample).T
+    assert_close(fast.examples[rows, columns], slow[:, rows, columns].T, atol=2e-5, rtol=1e-4)
+    assert slow[:, rows, columns].std() > 1e-2
+    # against other values than the corrupted run's: other scores
+    paired = ck.edge_attribution_patching(model, ds, abc, metric, method=method, steps=2,
+                                          progress=False)  # fmt: skip
+    assert (paired.examples - fast.examples).abs().max() > 1e-2
+
+
+def test_eap_against_the_mean_equals_single_edge_mean_ablation_where_linear(tiny_attn_only):
+    model = tiny_attn_only
+    clean, corrupted, metric = random_pair(model, seed=4, fixed_end=True)
+    graph = ck.Graph.of(model)
+    with frozen(model, clean.tokens):
+        eap = ck.edge_attribution_patching(
+            model, clean, corrupted, metric, ablation="mean", progress=False
+        )
+        eap_ig = ck.edge_attribution_patching(
+            model, clean, corrupted, metric, method="eap-ig", steps=3, ablation="mean",
+            progress=False,
+        )  # fmt: skip
+        mean = ck.sender_outputs(model, corrupted).mean()
+        runs = [[], *([edge] for edge in graph.edges)]
+        patched = ck.patch_edges(model, clean, runs, metric, replacement=mean, reference=True)
+    exact = patched[1:] - patched[0]
+    rows, columns = graph.valid.nonzero(as_tuple=True)
+    assert_close(eap.examples[rows, columns], exact, atol=1e-5, rtol=1e-5)
+    assert_close(eap_ig.examples, eap.examples, atol=1e-5, rtol=1e-5)
+    assert exact.std() > 1e-2
+
+
 def test_eap_ig_with_one_step_is_eap(tiny_llama):
     clean, corrupted, metric = random_pair(tiny_llama, seed=6)
     eap = ck.edge_attribution_patching(tiny_llama, clean, corrupted, metric, progress=False)
@@ -361,6 +443,12 @@ def test_bad_inputs(tiny_gpt2):
         ck.edge_attribution_patching(tiny_gpt2, clean, corrupted, metric, method="ig")
     with pytest.raises(CircuitkitError, match="steps must be a positive int"):
         ck.edge_attribution_patching(tiny_gpt2, clean, corrupted, metric, steps=0)
+    with pytest.raises(CircuitkitError, match="ablation must be a ck.Ablation or one of"):
+        ck.edge_attribution_patching(tiny_gpt2, clean, corrupted, metric, ablation="median")
+    with pytest.raises(CircuitkitError, match="which is noising; use direction='noise'"):
+        ck.edge_attribution_patching(
+            tiny_gpt2, clean, corrupted, metric, ablation="mean", direction="denoise"
+        )
 
 
 @pytest.mark.real

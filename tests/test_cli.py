@@ -112,6 +112,7 @@ def test_ioi_writes_its_page(monkeypatch, capsys, tmp_path):
         "Attention of the circuit",
         "The circuit",
         "Faithfulness",
+        "Faithfulness under each ablation",
         "How this was made",
     ):
         assert words in rendered.dom, words  # fmt: skip
@@ -146,6 +147,13 @@ def test_quick_takes_fewer_prompts_and_searches_the_later_layers(monkeypatch, ca
     assert f"found on the first {cli.QUICK_DISCOVER_N} of the {cli.QUICK_N} prompts" in captured.out
     assert found == [range(6 // cli.QUICK_FIRST_LAYER, 6)]
     assert "heads of layers 2-5" in captured.err
+    # the circuit's faithfulness under the few node-level ablations of a first look
+    table = captured.out.split("under each ablation (ck.faithfulness_table, ")[1]
+    assert table.startswith(f"{cli.QUICK_TABLE_N} prompts)")
+    lines = table.splitlines()[4 : 4 + len(cli.QUICK_TABLE_CHOICES)]
+    labels = [ck.Ablation(*(("mean", True) if c == "mean-template" else (c, False))).label
+              for c in cli.QUICK_TABLE_CHOICES]  # fmt: skip
+    assert [line.split("  ")[0] for line in lines] == labels
 
 
 def test_each_stage_says_what_it_expects_and_what_it_took(monkeypatch, capsys, tmp_path):

@@ -18,9 +18,9 @@ from test_faithfulness import (
 
 import circuitkit as ck
 from circuitkit.circuits.curves import MIB_SIZES, cmd, cpr, faithfulness_curve
-from circuitkit.circuits.faithfulness import Ablation
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.interface.plot import plot_curves
+from circuitkit.methods.ablation import Ablation
 
 
 def synthetic(fractions, values, *, labels_only=False):

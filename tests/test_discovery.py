@@ -4,7 +4,9 @@ reference, the search, pruning, the circuit returned, and bad inputs."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from _device import assert_close, equal
 
 import circuitkit as ck
 from circuitkit.circuits.discovery import prune
+from circuitkit.circuits.faithfulness import circuit_edges
 from circuitkit.core.errors import CircuitkitError, ShapeError
 from circuitkit.core.graph import SenderOutputs
 
@@ -152,11 +155,13 @@ def test_the_circuit_returned(ioi):
     circuit = ck.discover_circuit(model, ds, abc, metric, target=0.7, progress=False)
     info, graph = circuit.info, ck.Graph.of(model)
     scores = info["scores"]
-    # EAP-IG scores by default, as edge_attribution_patching gives them
+    # EAP-IG scores by default, as edge_attribution_patching gives them against the values
+    # the evaluation ablates with (the per-template mean of the ABC prompts)
     again = ck.edge_attribution_patching(model, ds, abc, metric, method="eap-ig", steps=5,
-                                         progress=False)  # fmt: skip
+                                         ablation="mean-template", progress=False)  # fmt: skip
     assert_close(scores.values, again.values)
     assert info["method"] == "eap-ig" and info["steps"] == 5
+    assert info["scores_from"] == "ablation" and scores.info["ablation"] == "mean-template"
     # the edges: the top k, pruned, largest |score| first
     kept = graph.mask(top_edges(scores, info["k"]))
     assert equal(info["edge_mask"], prune(graph, kept))
@@ -197,7 +202,7 @@ def test_the_circuit_returned(ioi):
     assert circuit.name == "discovered"
     assert info["provenance"]["method"] == "discover_circuit"
     assert info["curve"].provenance["args"]["target"] == 0.7
-    assert set(info["seconds"]) == {"scores", "search", "total"}
+    assert set(info["seconds"]) == {"scores", "search", "refine", "total"}
     fig = ck.plot(info["curve"])
     assert fig.data[0].type == "scatter" and list(fig.data[0].x) == info["curve"].labels["edges"]
     drawn = ck.plot_circuit(circuit)
@@ -221,6 +226,150 @@ def test_path_scores_are_single_edge_patches(ioi):
     got = torch.tensor([scores.score(edge) for edge in chosen])
     assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert expected.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ioi", ["gpt2"], indirect=True)
+def test_scores_from_the_corrupted_run(ioi):
+    model, ds, abc, metric = ioi
+    kwargs = dict(method="eap", grid=[8, 64], progress=False)
+    paired = ck.discover_circuit(model, ds, abc, metric, scores_from="corrupted", **kwargs)
+    own = ck.discover_circuit(model, ds, abc, metric, **kwargs)
+    expected = ck.edge_attribution_patching(model, ds, abc, metric, progress=False)
+    assert_close(paired.info["scores"].values, expected.values)
+    assert (own.info["scores"].values - expected.values).abs().max() > 1e-2
+    # with ablation="corrupted" both score against the corrupted run
+    twins = [
+        ck.discover_circuit(model, ds, abc, metric, ablation="corrupted", scores_from=source,
+                            **kwargs).info["scores"]
+        for source in ("ablation", "corrupted")
+    ]  # fmt: skip
+    assert_close(twins[0].values, twins[1].values)
+
+
+@pytest.mark.parametrize(
+    "ioi, ablation, per_template", [("gpt2", "mean", True), ("llama", "corrupted", False)],
+    indirect=["ioi"],
+)  # fmt: skip
+def test_node_level_circuits_are_node_ablations(ioi, ablation, per_template):
+    model, ds, abc, metric = ioi
+    circuit = ck.discover_circuit(model, ds, abc, metric, method="eap", level="node",
+                                  ablation=ablation, target=0.6, progress=False)  # fmt: skip
+    info, graph = circuit.info, ck.Graph.of(model)
+    nodes = info["node_scores"]
+    # a node's score: the sum of its outgoing edges' scores, node attribution patching of its
+    # output (for a head, of its z) against the same ablated values
+    assert_close(nodes.values, info["scores"].values[:, 1:].sum(0))
+    if ablation == "corrupted":
+        heads = ck.attribution_patching(model, ds, abc, metric, "head", direction="noise",
+                                        progress=False)  # fmt: skip
+        mlps = ck.attribution_patching(model, ds, abc, metric, "mlp", direction="noise",
+                                       progress=False)  # fmt: skip
+        by_node = dict(zip(nodes.labels["node"], nodes.values.tolist(), strict=True))
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                got = by_node[repr(ck.Head(layer, head))]
+                assert got == pytest.approx(float(heads.info["attribution"][layer, head]),
+                                            abs=1e-4)  # fmt: skip
+            got = by_node[repr(ck.MLP(layer))]
+            assert got == pytest.approx(float(mlps.info["attribution"][layer]), abs=1e-4)
+    # the circuit: the top k nodes by |score|
+    ranked = nodes.values.abs().argsort(descending=True, stable=True)[: info["k"]].tolist()
+    top = {graph.senders[1 + i] for i in ranked}
+    assert set(circuit.heads) | set(circuit.mlps) == top
+    assert info["n_nodes"] == info["k"] == len(top) and not circuit.edges
+    assert info["curve"].axes == ("nodes",) and info["curve"].values[-1] == 1.0
+    # its faithfulness is ck.faithfulness's under the same node-level ablation, in the
+    # reference engine
+    f = ck.faithfulness(model, circuit, ds, reference=abc, reference_engine=True, progress=False,
+                        ablation=ck.Ablation(ablation, per_template=per_template))  # fmt: skip
+    assert info["faithfulness"] == pytest.approx(f.ratio, abs=1e-4)
+    assert info["reached"] and info["faithfulness"] >= 0.6
+    # and the circuit's edges are those between its nodes
+    assert equal(info["edge_mask"], circuit_edges(graph, circuit))
+
+
+@pytest.mark.parametrize("ioi", ["attn-only"], indirect=True)
+def test_node_path_scores_are_single_node_ablations(ioi):
+    model, ds, abc, metric = ioi
+    circuit = ck.discover_circuit(model, ds, abc, metric, method="path", level="node",
+                                  grid=[2], progress=False)  # fmt: skip
+    nodes = circuit.info["node_scores"]
+    ablation = ck.Ablation("mean", per_template=True)
+    heads = [ck.Head(layer, head) for layer in range(model.cfg.n_layers)
+             for head in range(model.cfg.n_heads)]  # fmt: skip
+    everything = ck.Circuit.from_classes({"all": heads})
+    for index in (0, 3, len(nodes.values) - 1):
+        head = ck.Graph.of(model).senders[1 + index]
+        f = ck.faithfulness(model, everything.without([head]), ds, reference=abc, metric=metric,
+                            ablation=ablation, reference_engine=True, progress=False)  # fmt: skip
+        assert float(nodes.values[index]) == pytest.approx(f.f_circuit - f.f_model, abs=1e-4)
+    assert nodes.values.abs().max() > 1e-3
+
+
+def single_removals(model, ds, abc, metric, circuit, level):
+    """The normalised faithfulness of the circuit and of each circuit with one edge (node)
+    less, evaluated plainly: one forward per run."""
+    graph = ck.Graph.of(model)
+    if level == "edge":
+        replacement = by_hand_replacement(model, ds, abc, "mean", True)
+        kept = graph.mask(circuit.edges)
+        masks = [graph.valid, torch.zeros_like(graph.valid), kept]
+        for edge in circuit.edges:
+            without = kept.clone()
+            without[graph.index(edge)] = False
+            masks.append(without)
+        runs = [graph.valid & ~mask for mask in masks]
+        values = ck.patch_edges(model, ds, runs, metric, replacement=replacement, reference=True,
+                                progress=False)  # fmt: skip
+        means = values.mean(-1)
+    else:
+        ablation = ck.Ablation("mean", per_template=True)
+
+        def f_of(candidate):
+            return ck.faithfulness(model, candidate, ds, reference=abc, metric=metric,
+                                   ablation=ablation, reference_engine=True,
+                                   progress=False).f_circuit  # fmt: skip
+
+        model_run = ck.faithfulness(model, circuit, ds, reference=abc, metric=metric,
+                                    ablation=ablation, progress=False).f_model  # fmt: skip
+        means = [model_run, f_of(ck.Circuit(mlps=())), f_of(circuit)]
+        for head in circuit.heads:
+            means.append(f_of(circuit.without([head])))
+        for mlp in circuit.mlps:
+            means.append(f_of(replace(circuit, mlps=[m for m in circuit.mlps if m != mlp])))
+        means = torch.tensor(means)
+    full, empty = float(means[0]), float(means[1])
+    normalised = (means[2:] - empty) / (full - empty)
+    return float(normalised[0]), normalised[1:]
+
+
+@pytest.mark.parametrize(
+    "ioi, level", [("gpt2", "edge"), ("llama", "edge"), ("gpt2", "node"), ("llama", "node")],
+    indirect=["ioi"],
+)  # fmt: skip
+def test_the_refined_circuit_is_minimal_for_its_target(ioi, level):
+    model, ds, abc, metric = ioi
+    target = 0.7
+    kwargs = dict(method="eap", level=level, target=target, normalize=True, progress=False)
+    plain = ck.discover_circuit(model, ds, abc, metric, **kwargs)
+    circuit = ck.discover_circuit(model, ds, abc, metric, refine=True, **kwargs)
+    refined = circuit.info["refined"]
+    size = "n_edges" if level == "edge" else "n_nodes"
+    assert refined["minimal"] and refined["k_before"] == plain.info[size]
+    assert circuit.info[size] == refined["k_before"] - refined["removed"] < plain.info[size]
+    # it reaches the target, and no single removal of the result does
+    f, without_one = single_removals(model, ds, abc, metric, circuit, level)
+    assert circuit.info["faithfulness"] == pytest.approx(f, abs=1e-4)
+    assert f >= target and circuit.info["reached"]
+    assert len(without_one) == circuit.info[size] and (without_one < target).all()
+    # the cost bound: passes of at most m + log2(m) + 1 runs, at most one pass per removal + 1
+    m = refined["k_before"]
+    assert refined["passes"] <= refined["removed"] + 1
+    assert refined["runs"] <= refined["passes"] * (m + math.log2(m) + 1)
+    # a cap on the runs stops it early, then not certified minimal
+    capped = ck.discover_circuit(model, ds, abc, metric, refine=True, refine_runs=2, **kwargs)
+    assert capped.info["refined"]["runs"] <= 2 and not capped.info["refined"]["minimal"]
+    assert capped.info["reached"]
 
 
 def test_pruning_by_hand(tiny_gpt2, tiny_llama):
@@ -313,6 +462,10 @@ def test_bad_inputs_and_the_model_unchanged(ioi):
         ((ds, abc, metric), {"method": "acdc"}, "method must be 'eap-ig', 'eap' or 'path'"),
         ((ds, abc, metric), {"steps": 0}, "steps must be a positive int"),
         ((ds, abc, metric), {"ablation": "zero"}, "ablation must be 'mean'"),
+        ((ds, abc, metric), {"level": "edges"}, "level must be 'edge'"),
+        ((ds, abc, metric), {"scores_from": "mean"}, "scores_from must be 'ablation'"),
+        ((ds, abc, metric), {"refine": 1}, "refine must be True or False"),
+        ((ds, abc, metric), {"refine_runs": 0}, "refine_runs caps the circuits"),
         ((ds, abc, metric), {"rtol": 1}, "rtol must be a number in \\[0, 1\\)"),
         ((ds, abc, metric), {"max_edges": 0}, "max_edges must be a positive int"),
         ((ds, abc, metric), {"grid": [-1]}, "grid sizes must be ints in 0..262"),

@@ -14,13 +14,12 @@ from _device import DEVICE, assert_close
 import circuitkit as ck
 from circuitkit.circuits.faithfulness import (
     DEFAULT_CHOICES,
-    Ablation,
-    check_ablation,
     faithfulness_table,
     ratio_interval,
 )
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
 from circuitkit.core.graph import split_inputs
+from circuitkit.methods.ablation import Ablation, check_ablation
 
 WORDS = ("IO", "S1", "S2", "end", None)
 KINDS = ("gpt2", "attn-only", "llama")  # the tiny models of conftest.py
@@ -489,6 +488,43 @@ def test_ratio_interval_is_the_bootstrap_of_the_ratio():
     assert all(math.isnan(x) for x in ratio_interval(torch.ones(1), torch.ones(1)))
     with pytest.raises(ShapeError, match="ratio_interval: numerator has 3 values"):
         ratio_interval(torch.ones(3), torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(level=2), r"level must be a number between 0 and 1 \(such as 0\.95\), got 2$"),
+        (dict(level=math.nan), r"level must be a number between 0 and 1 .*got nan$"),
+        (dict(level=-0.5), r"level must be a number between 0 and 1 .*got -0\.5$"),
+        (dict(n_boot=0), r"n_boot must be an int from 1 to 1e6 .*got 0$"),
+        (dict(n_boot=2.5), r"n_boot must be an int from 1 to 1e6 .*got 2\.5$"),
+        (dict(n_boot=math.nan), r"n_boot must be an int from 1 to 1e6 .*got nan$"),
+    ],
+)
+def test_intervals_check_level_and_n_boot_first(tiny_gpt2, bad, message):
+    """Faithfulness.ci, ratio_interval and faithfulness_table (its ``ci=``) name themselves and
+    the argument; the table refuses before its first forward pass."""
+    ds = ck.IOIDataset(tiny_gpt2, n=6, seed=0)
+    abc = ds.corrupted("ABC")
+    circuit = ck.Circuit.from_classes({"x": [ck.Head(2, 1)]})
+    f = ck.faithfulness(tiny_gpt2, circuit, ds, reference=abc, progress=False)
+    level, n_boot = bad.get("level", 0.95), bad.get("n_boot", 100)
+    with pytest.raises(CircuitkitError, match=rf"^Faithfulness\.ci: {message}"):
+        f.ci(level, n_boot=n_boot)
+    with pytest.raises(CircuitkitError, match=rf"^ratio_interval: {message}"):
+        ratio_interval(torch.ones(1), torch.ones(1), level, n_boot=n_boot)
+
+    def never(logits):
+        raise AssertionError("the table ran the model before checking its arguments")
+
+    with pytest.raises(
+        CircuitkitError, match=rf"^faithfulness_table: {message.replace('level must', 'ci must')}"
+    ):
+        faithfulness_table(tiny_gpt2, circuit, ds, reference=abc, metric=never, ci=level,
+                           n_boot=n_boot, progress=False)  # fmt: skip
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_gpt2.hook_dict.values())
+    low, high = f.ci(0.9, n_boot=200)
+    assert low <= f.ratio <= high
 
 
 def test_bad_inputs_leave_the_model_unchanged(tiny_llama):

@@ -14,7 +14,8 @@ from _browser import figures_rendered, render
 from _device import DEVICE
 
 import circuitkit as ck
-from circuitkit.interface.ioi_report import ioi_report, ioi_study
+from circuitkit.circuits.faithfulness import DEFAULT_CHOICES
+from circuitkit.interface.ioi_report import ioi_report, ioi_study, table_rows
 from circuitkit.interface.report import FIGURE_WIDTH, Report
 from circuitkit.interface.trace_report import trace_report
 
@@ -164,6 +165,29 @@ def test_dla_caption_names_the_colours_the_heatmap_uses(ioi_page):
     assert towards and against, caption
     # DLA is positive for a head that raises logit(IO) - logit(S): it pushes towards IO
     assert towards.group(1) == positive and against.group(1) == negative
+
+
+def test_the_faithfulness_table_of_the_circuit_is_on_the_page(ioi_page):
+    study, report = ioi_page
+    table = study.table
+    assert list(table["ablation"]) == [choice.label for choice in DEFAULT_CHOICES]
+    assert study.table_n == study.ds.n == int(table["n"].iloc[0])
+    # the table is ck.faithfulness_table's for the circuit find_ioi_circuit found
+    model = ck.tiny_model("gpt2").to(DEVICE)
+    again = ck.faithfulness_table(
+        model, study.circuit, study.ds, study.abc, reference=study.abc, progress=False
+    )
+    torch.testing.assert_close(
+        torch.tensor(table[["faithfulness", "normalized", "f_circuit"]].to_numpy()),
+        torch.tensor(again[["faithfulness", "normalized", "f_circuit"]].to_numpy()),
+    )
+    page = report.to_html()
+    assert "Faithfulness under each ablation" in page
+    rows = table_rows(table)
+    assert len(rows) == len(DEFAULT_CHOICES)
+    for row in rows:
+        for cell in row:
+            assert f">{html.escape(cell)}</td>" in page, cell
 
 
 def test_path_patching_heatmaps_show_the_change_from_the_baseline(ioi_page, tmp_path):

@@ -45,15 +45,17 @@ from jaxtyping import Int
 from torch import Tensor
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
-from circuitkit.circuits.faithfulness import AblatedRun, AblatedRuns, Ablation, check_ablation
+from circuitkit.circuits.faithfulness import AblatedRun, AblatedRuns
 from circuitkit.core import provenance
 from circuitkit.core.components import MLP, Component, Head
+from circuitkit.core.engine import check_memory_budget
 from circuitkit.core.errors import CircuitkitError, ComponentError
 from circuitkit.core.graph import EdgeScores, Graph, check_graph_metric
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
 from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
+from circuitkit.methods.ablation import Ablation, check_ablation
 
 #: The fractions of edges (or nodes) MIB evaluates circuits at.
 MIB_SIZES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -111,6 +113,7 @@ def faithfulness_curve(
         ck.plot(curve)
     """
     where = "faithfulness_curve"
+    memory_budget = check_memory_budget(memory_budget, where)
     if level not in ("edge", "node"):
         raise CircuitkitError(f"{where}: level must be 'edge' or 'node', got {level!r}")
     if not isinstance(absolute, bool):
@@ -143,7 +146,7 @@ def faithfulness_curve(
             kept[rows[order[:k]], columns[order[:k]]] = True
             runs.append(kept)
     else:
-        runs = [_node_circuit(model, components, order[:k].tolist()) for k in evaluated]
+        runs = [node_circuit(model, components, order[:k].tolist()) for k in evaluated]
     setup = AblatedRuns.make(
         model, clean, reference=corrupted if reference is None else reference,
         corrupted=corrupted, metric=metric, ablation=choice, where=where,
@@ -373,7 +376,7 @@ def _node_scores(
     return components, torch.tensor(values, dtype=torch.float64), sign
 
 
-def _node_circuit(model: HookedTransformer, scored: list[Component], kept: list[int]) -> Circuit:
+def node_circuit(model: HookedTransformer, scored: list[Component], kept: list[int]) -> Circuit:
     """The circuit of the scored components at ``kept`` and every component without a score."""
     cfg = model.cfg
     dropped = set(scored) - {scored[i] for i in kept}

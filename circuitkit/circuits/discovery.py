@@ -7,12 +7,15 @@ it automatically on the graph of ``circuitkit.core.graph``: senders (the embeddi
 output, each MLP's output) feed receivers (each head's query, key and value inputs, each MLP's
 input, the logits) along edges. ``discover_circuit`` does it in two steps:
 
-1. **Score** every edge: the change of the metric when that edge alone is patched, on the
-   clean input, with the corrupted one as the other run. ``method="eap-ig"`` (the default)
-   estimates it for all edges at once from gradients averaged along the path between the two
-   inputs' embeddings (``ck.edge_attribution_patching``, ``steps`` points), ``"eap"`` from
-   the gradient at the clean run alone, and ``"path"`` measures it exactly, one patched run
-   per edge under the chosen ablation (``ck.patch_edges``; costly: for small graphs).
+1. **Score** every edge: the change of the metric when that edge alone is ablated, on the
+   clean input. ``method="eap-ig"`` (the default) estimates it for all edges at once from
+   gradients averaged along the path between the clean embeddings and the ablated ones
+   (``ck.edge_attribution_patching``, ``steps`` points), ``"eap"`` from the gradient at the
+   clean run alone, and ``"path"`` measures it exactly, one patched run per edge
+   (``ck.patch_edges``; costly: for small graphs). The estimates use the values the
+   evaluation ablates with (``scores_from="ablation"``: the per-template mean, say), so they
+   estimate the very interventions the search then runs; ``scores_from="corrupted"`` uses the
+   paired corrupted run instead, as the EAP papers do, whatever the evaluation's ablation.
 2. **Search.** Sort the edges by |score|. The circuit of the top ``k`` edges is run with
    every other edge ablated (exactly, with ``ck.patch_edges``): each receiver reads the
    ablated value of every sender outside the circuit. Its faithfulness is evaluated for a
@@ -44,8 +47,21 @@ In a grouped-query model the key (value) input of a group is one receiver, feedi
 query head of the group; it is kept while any head of the group is in the circuit, and the
 circuit names it by the first such head.
 
-Everything runs through ``ck.edge_attribution_patching`` and ``ck.patch_edges``, which leave
-the model as they found it: no hook, gradient, flag or weight is changed.
+**Nodes.** ``level="node"`` runs the same search over heads and MLPs: a node's score is the
+sum of its outgoing edges' scores (the first-order change when its output is ablated for every
+reader: node attribution patching), and the circuit of the top ``k`` nodes is evaluated by node
+ablation, as ``ck.faithfulness`` does it: every other head and MLP replaced by its ablated
+value at every position.
+
+**Refinement.** The top ``k`` is the shortest prefix of one ranking that reaches ``target``;
+many of its items may still be removable. ``refine=True`` greedily drops items while the
+circuit stays at or above ``target``, each pass evaluating every single removal exactly in one
+batched call, until no single removal keeps ``target``: the circuit returned is then minimal
+for it (no one edge or node can go), at a cost bounded by ``refine_runs``.
+
+Everything runs through ``ck.edge_attribution_patching``, ``ck.patch_edges`` and the
+intervention engine, which leave the model as they found it: no hook, gradient, flag or weight
+is changed.
 """
 
 from __future__ import annotations
@@ -63,8 +79,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
+from circuitkit.circuits.curves import node_circuit
+from circuitkit.circuits.faithfulness import AblatedRuns
+from circuitkit.circuits.faithfulness import circuit_edges as circuit_edges_of
 from circuitkit.core import provenance
-from circuitkit.core.components import MLP, Head
+from circuitkit.core.components import MLP, Component, Head
+from circuitkit.core.engine import check_memory_budget
 from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.graph import (
     LOGITS,
@@ -79,14 +99,17 @@ from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
 from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.results import Result
+from circuitkit.methods.ablation import Ablation as AblationChoice
 from circuitkit.methods.ablation import template_groups
 from circuitkit.methods.attribution_patching import edge_attribution_patching
 from circuitkit.methods.edge_patching import patch_edges
 
 DiscoveryMethod = Literal["eap-ig", "eap", "path"]
 Ablation = Literal["mean", "corrupted"]
+Level = Literal["edge", "node"]
+ScoresFrom = Literal["ablation", "corrupted"]
 
-# Runs of single-edge patching per call of patch_edges (method="path"): bounds the masks held.
+# Runs per call of patch_edges (single-edge patching, refinement): bounds the masks held.
 _PATH_RUNS_PER_CALL = 512
 # What a head's strongest kept edge feeds, as its class in the circuit returned.
 _ROLES = {
@@ -107,17 +130,22 @@ def discover_circuit(
     method: DiscoveryMethod = "eap-ig",
     steps: int = 5,
     target: float = 0.8,
+    level: Level = "edge",
     ablation: Ablation = "mean",
     per_template: bool | None = None,
+    scores_from: ScoresFrom = "ablation",
     normalize: bool = False,
     max_edges: int | None = None,
     grid: Sequence[int] | None = None,
     rtol: float = 0.0,
+    refine: bool = False,
+    refine_runs: int | None = None,
     scores: EdgeScores | None = None,
     memory_budget: int | None = None,
     progress: bool = True,
 ) -> Circuit:
-    """The smallest set of top-scoring edges whose circuit reaches ``target`` faithfulness.
+    """The smallest set of top-scoring edges (or nodes) whose circuit reaches ``target``
+    faithfulness.
 
     Scores every edge of ``ck.Graph.of(model)`` (``method``: "eap-ig" with ``steps`` points,
     "eap", or "path" for exact single-edge patching), sorts them by |score|, and evaluates
@@ -131,36 +159,71 @@ def discover_circuit(
     ``normalize=True`` measures ``(F(C) - F(∅)) / (F(M) - F(∅))`` instead. ``ablation="mean"``
     replaces ablated senders' outputs by their mean over ``corrupted`` (per template when
     both datasets have templates; ``per_template`` forces it on or off), ``"corrupted"`` by the
-    paired corrupted prompt's outputs. ``max_edges`` caps ``k``; if no circuit that small
-    reaches ``target``, the top ``max_edges`` edges are returned with a warning.
-    ``metric`` defaults to the logit difference of an IOI dataset. ``scores`` (an
-    ``EdgeScores`` of this model's graph, from ``ck.edge_attribution_patching`` say) skips the
-    scoring: the search ranks those instead (``method`` and ``steps`` are then not used).
+    paired corrupted prompt's outputs. ``scores_from="ablation"`` (the default) scores the
+    edges against those same ablated values (``ck.edge_attribution_patching(...,
+    ablation=...)``), so the scores estimate the evaluation's own single-edge ablations;
+    ``"corrupted"`` scores them against the paired corrupted run whatever the ablation, as the
+    EAP papers do (the same when ``ablation="corrupted"``; "path" scores always use the
+    ablation). ``max_edges`` caps ``k``; if no circuit that small reaches ``target``, the top
+    ``max_edges`` are returned with a warning. ``metric`` defaults to the logit difference of
+    an IOI dataset. ``scores`` (an ``EdgeScores`` of this model's graph, from
+    ``ck.edge_attribution_patching`` say) skips the scoring: the search ranks those instead
+    (``method``, ``steps`` and ``scores_from`` are then not used).
+
+    ``level="node"`` ranks heads and MLPs instead of edges: a node's score is the sum of the
+    scores of its outgoing edges (for EAP that is node attribution patching of its output,
+    ``(out(ablated) - out(clean)) . d metric / d out``; for EAP-IG the same along EAP-IG's
+    path), or with ``method="path"`` the exact change when that node alone is ablated; the
+    circuit of the top ``k`` nodes is evaluated by node ablation, every other head and MLP
+    replaced by its ablated value at every position, as ``ck.faithfulness(...,
+    ablation=ck.Ablation(ablation, per_template=...))`` measures it (``max_edges`` then caps
+    the number of nodes).
+
+    ``refine=True`` then makes the circuit minimal for ``target``: in each pass every single
+    removal from the circuit (its edges, least |score| first, or its nodes) is evaluated
+    exactly, in one batched call; the removals that keep ``target`` are ranked by the
+    faithfulness they leave, and the longest prefix of them (tried at sizes 1, 2, 4, ...,
+    again in one call) whose joint removal keeps ``target`` is dropped (at edge level the
+    edges left dangling go too). Passes repeat until one finds no removal that keeps
+    ``target``: then no single edge (node) of the result can go. Cost bound: a pass runs at
+    most ``m + log2(m) + 1`` circuits for a circuit of ``m`` items, and there are at most as
+    many passes as items removed, plus one; ``refine_runs`` caps the total (a pass that would
+    pass the cap tries the first items only, and the result is then not certified minimal:
+    ``info["refined"]["minimal"]``).
 
     Cost: the scoring is one batch of forward and backward passes (``steps`` of them for
     EAP-IG); the search runs one exact circuit per size: on smollm2-135m's 70,651 edges about
     45 (33 grid sizes, about 12 bisection steps), each about twice a forward pass of the
     prompts (30 prompts: 87 s of scoring and 537 s of search on one CPU thread,
-    ``benchmarks/discover_ioi.py``). A coarser ``grid`` and ``rtol`` cut the search.
+    ``benchmarks/discover_ioi.py``). A coarser ``grid`` and ``rtol`` cut the search; at node
+    level (300 nodes) it is about 25 circuits, each one forward pass.
 
     Returns a ``ck.Circuit`` named "discovered": ``edges`` are the kept edges after pruning
     (edges into nodes that reach the logits through no kept edge are dropped), largest |score|
     first; ``nodes`` the heads that send a kept edge (at every position), classed by what
     their largest-|score| kept edge feeds ("writes to logits", "writes to queries", "... keys",
     "... values", "... MLPs"), with the sum of their kept edges' scores as ``effect``;
-    ``mlps`` the MLPs that send a kept edge. Its ``info`` holds:
+    ``mlps`` the MLPs that send a kept edge. At node level the circuit has no ``edges``: its
+    ``nodes`` are the kept heads (class "discovered", their node score as ``effect``), its
+    ``mlps`` the kept MLPs. Its ``info`` holds:
 
-    - "scores": the ``ck.EdgeScores``; "method", "steps", "given_scores", "ablation",
-      "per_template", "target", "normalize";
-    - "k" (top edges kept before pruning), "n_edges" (after), "faithfulness" (at ``k``),
-      "reached" (whether it is at least ``target``), "edge_mask" (bool [receiver, sender] of
-      the kept edges: ``graph.valid & ~mask`` is the run that ablates the rest);
-    - "curve": a ``ck.Result`` with axis "edges" (every ``k`` evaluated, and every edge: the
-      full model, 1, also beyond ``max_edges``), the faithfulness of
-      each, per-example values (each example's circuit metric, normalised by the model's
-      mean metric: their mean is the faithfulness), ``info["pruned_edges"]`` the circuit's
-      size after pruning, ``info["f_circuit"]`` the mean metric; ``ck.plot(curve)`` draws it;
-    - "f_model", "f_empty": ``F(M)`` and ``F(∅)``; "seconds" ({"scores", "search",
+    - "scores": the ``ck.EdgeScores`` (at node level from "path": none); "node_scores" (node
+      level): a ``Result`` over ("node",); "method", "steps", "given_scores", "ablation",
+      "per_template", "scores_from", "level", "target", "normalize";
+    - "k" (top edges or nodes kept before pruning and refinement), "n_edges" (edges after;
+      at node level the edges between the kept nodes), "n_nodes" (node level), "faithfulness"
+      (of the circuit returned), "reached" (whether it is at least ``target``), "edge_mask"
+      (bool [receiver, sender] of the circuit's edges: ``graph.valid & ~mask`` is the
+      edge-level run that ablates the rest);
+    - "refined" (with ``refine``): "runs", "passes", "removed", "minimal", "k_before" (items
+      before), "faithfulness_before";
+    - "curve": a ``ck.Result`` with axis "edges" ("nodes" at node level; every ``k``
+      evaluated, and every item: the full model, 1, also beyond ``max_edges``), the
+      faithfulness of each, per-example values (each example's circuit metric, normalised by
+      the model's mean metric: their mean is the faithfulness), ``info["pruned_edges"]`` the
+      circuit's size after pruning (edge level), ``info["f_circuit"]`` the mean metric;
+      ``ck.plot(curve)`` draws it;
+    - "f_model", "f_empty": ``F(M)`` and ``F(∅)``; "seconds" ({"scores", "search", "refine",
       "total"}); "provenance".
 
     Example::
@@ -171,8 +234,11 @@ def discover_circuit(
         circuit.info["k"], len(circuit.edges), len(circuit)   # top edges, after pruning, heads
         ck.plot(circuit.info["curve"])                         # faithfulness against k
         ck.plot_circuit(circuit)
+        heads = ck.discover_circuit(model, ds, abc, level="node", refine=True)
+        heads.info["n_nodes"], heads.info["refined"]["minimal"]
     """
     where = "discover_circuit"
+    memory_budget = check_memory_budget(memory_budget, where)
     if isinstance(metric, str):
         raise CircuitkitError(f"{where}: metric must be a metric, got the string {metric!r}")
     if method not in ("eap-ig", "eap", "path"):
@@ -191,6 +257,24 @@ def discover_circuit(
             f"{where}: ablation must be 'mean' (the corrupted prompts' mean) or 'corrupted' "
             f"(each prompt's corrupted twin), got {ablation!r}"
         )
+    if level not in ("edge", "node"):
+        raise CircuitkitError(
+            f"{where}: level must be 'edge' (rank edges) or 'node' (heads and MLPs), got {level!r}"
+        )
+    if scores_from not in ("ablation", "corrupted"):
+        raise CircuitkitError(
+            f"{where}: scores_from must be 'ablation' (score against the values the evaluation "
+            f"ablates with) or 'corrupted' (against the paired corrupted run), got {scores_from!r}"
+        )
+    if not isinstance(refine, bool):
+        raise CircuitkitError(f"{where}: refine must be True or False, got {refine!r}")
+    if refine_runs is not None and (
+        not isinstance(refine_runs, int) or isinstance(refine_runs, bool) or refine_runs < 1
+    ):
+        raise CircuitkitError(
+            f"{where}: refine_runs caps the circuits refinement evaluates, a positive int or "
+            f"None, got {refine_runs!r}"
+        )
     graph = Graph.of(model, where)
     clean_tokens, _ = as_tokens(clean, "clean", where, model=model)
     corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where, model=model)
@@ -202,9 +286,12 @@ def discover_circuit(
         not isinstance(max_edges, int) or isinstance(max_edges, bool) or max_edges < 1
     ):
         raise CircuitkitError(f"{where}: max_edges must be a positive int, got {max_edges!r}")
-    limit = graph.n_edges if max_edges is None else min(max_edges, graph.n_edges)
+    components = list(graph.senders[1:])  # the nodes: every head and MLP
+    n_items = graph.n_edges if level == "edge" else len(components)
+    limit = n_items if max_edges is None else min(max_edges, n_items)
     sizes = _grid(grid, limit, where)
     per_template = _resolve_per_template(clean, corrupted, ablation, per_template, where)
+    choice = AblationChoice(ablation, per_template=per_template)
     if scores is not None:
         mask = getattr(scores, "edge_mask", None) if isinstance(scores, EdgeScores) else None
         if not isinstance(mask, Tensor) or not torch.equal(mask.cpu(), graph.valid):
@@ -219,10 +306,49 @@ def discover_circuit(
 
     given = scores is not None
     start = time.perf_counter()
-    replacement = _replacement(
-        model, clean, corrupted, corrupted_tokens, ablation, per_template, where
-    )
-    if scores is None and method == "path":
+    rows, columns = graph.valid.nonzero(as_tuple=True)
+    if level == "edge":
+        replacement = _replacement(
+            model, clean, corrupted, corrupted_tokens, ablation, per_template, where
+        )
+
+        def evaluate_sets(sets: Sequence[Tensor], desc: str) -> Tensor:
+            # in calls of at most _PATH_RUNS_PER_CALL runs: bounds the masks held at once
+            values = []
+            for begin in range(0, len(sets), _PATH_RUNS_PER_CALL):
+                chunk = sets[begin : begin + _PATH_RUNS_PER_CALL]
+                kept = torch.zeros(len(chunk), *graph.valid.shape, dtype=torch.bool)
+                for i, chosen in enumerate(chunk):
+                    kept[i, rows[chosen], columns[chosen]] = True
+                values.append(
+                    patch_edges(
+                        model,
+                        clean_tokens,
+                        graph.valid & ~kept,
+                        metric,
+                        replacement=replacement,
+                        memory_budget=memory_budget,
+                        progress=progress,
+                        desc=desc,
+                    )  # fmt: skip
+                )
+            return torch.cat(values)
+    else:
+        setup = AblatedRuns.make(
+            model, clean, reference=corrupted, corrupted=corrupted, metric=metric,
+            ablation=choice, where=where,
+        )  # fmt: skip
+
+        def evaluate_sets(sets: Sequence[Tensor], desc: str) -> Tensor:
+            circuits = [
+                node_circuit(model, components, chosen.nonzero()[:, 0].tolist()) for chosen in sets
+            ]
+            return setup.evaluate(circuits, memory_budget=memory_budget, progress=progress)
+
+    node_scores: Result | None = None
+    if scores is None and method == "path" and level == "node":
+        node_scores = _node_path_scores(model, clean, components, metric, evaluate_sets)
+    elif scores is None and method == "path":
         scores = _path_scores(
             model, graph, clean, clean_tokens, metric, replacement, memory_budget, progress
         )
@@ -230,33 +356,36 @@ def discover_circuit(
     elif scores is None:
         scores = edge_attribution_patching(
             model, clean, corrupted, metric, method=method, steps=steps,
+            ablation=choice if scores_from == "ablation" else "corrupted",
             memory_budget=memory_budget, progress=progress,
         )  # fmt: skip
+    if level == "node" and node_scores is None:
+        assert scores is not None
+        node_scores = _node_scores_of(scores, components)
     scored = time.perf_counter()
 
-    # -- the search: exact faithfulness of the top k edges ----------------------------------
-    rows, columns = graph.valid.nonzero(as_tuple=True)
-    order = scores.values[rows, columns].abs().argsort(descending=True, stable=True)
+    # -- the search: exact faithfulness of the top k items ----------------------------------
+    if level == "edge":
+        assert scores is not None
+        item_scores = scores.values[rows, columns]
+    else:
+        assert node_scores is not None
+        item_scores = node_scores.values
+    order = item_scores.abs().argsort(descending=True, stable=True)
 
-    def kept(k: int) -> Tensor:
-        mask = torch.zeros_like(graph.valid)
-        chosen = order[:k]
-        mask[rows[chosen], columns[chosen]] = True
-        return mask
+    def top(k: int) -> Tensor:
+        chosen = torch.zeros(n_items, dtype=torch.bool)
+        chosen[order[:k]] = True
+        return chosen
 
     metric_of: dict[int, Tensor] = {}  # k -> the circuit's per-example metric
 
     def evaluate(ks: Sequence[int], desc: str) -> None:
-        runs = torch.stack([graph.valid & ~kept(k) for k in ks])
-        values = patch_edges(
-            model, clean_tokens, runs, metric, replacement=replacement,
-            memory_budget=memory_budget, progress=progress, desc=desc,
-        )  # fmt: skip
-        metric_of.update(zip(ks, values, strict=True))
+        metric_of.update(zip(ks, evaluate_sets([top(k) for k in ks], desc), strict=True))
 
     # the first run ablates nothing: the full model
-    evaluate([graph.n_edges, *(k for k in sizes if k != graph.n_edges)], f"{where}: grid")
-    f_model = float(metric_of[graph.n_edges].mean())
+    evaluate([n_items, *(k for k in sizes if k != n_items)], f"{where}: grid")
+    f_model = float(metric_of[n_items].mean())
     f_empty = float(metric_of[0].mean())
     offset = f_empty if normalize else 0.0
     if f_model - offset == 0:
@@ -266,8 +395,11 @@ def discover_circuit(
             "model does the task"
         )
 
+    def ratio(values: Tensor) -> float:
+        return (float(values.mean()) - offset) / (f_model - offset)
+
     def faithfulness_of(k: int) -> float:
-        return (float(metric_of[k].mean()) - offset) / (f_model - offset)
+        return ratio(metric_of[k])
 
     above = [k for k in sizes if faithfulness_of(k) >= target]
     if above:
@@ -284,15 +416,50 @@ def discover_circuit(
     else:
         k = limit
         warnings.warn(
-            f"{where}: no circuit of at most {limit} edges reaches faithfulness {target}; "
-            f"returning the top {limit} edges (faithfulness {faithfulness_of(limit):.3f})",
+            f"{where}: no circuit of at most {limit} {level}s reaches faithfulness {target}; "
+            f"returning the top {limit} (faithfulness {faithfulness_of(limit):.3f})",
             stacklevel=2,
         )
     searched = time.perf_counter()
 
+    # -- pruning and refinement -------------------------------------------------------------
+    def pruned(chosen: Tensor) -> Tensor:
+        if level == "node":
+            return chosen
+        mask = torch.zeros_like(graph.valid)
+        mask[rows[chosen], columns[chosen]] = True
+        return prune(graph, mask)[rows, columns]
+
+    chosen = pruned(top(k))
+    faithfulness = faithfulness_of(k)
+    refined: dict[str, Any] | None = None
+    if refine:
+        chosen, faithfulness, refined = _refine(
+            chosen, faithfulness, target, order, refine_runs, pruned,
+            lambda sets, desc: [ratio(v) for v in evaluate_sets(sets, desc)], where,
+        )  # fmt: skip
+    refined_at = time.perf_counter()
+
     # -- the circuit ------------------------------------------------------------------------
-    edge_mask = prune(graph, kept(k))
-    circuit_edges, nodes, mlps = _circuit_parts(graph, scores, edge_mask, order, rows, columns)
+    if level == "edge":
+        assert scores is not None
+        edge_mask = torch.zeros_like(graph.valid)
+        edge_mask[rows[chosen], columns[chosen]] = True
+        circuit_edges, nodes, mlps = _circuit_parts(graph, scores, edge_mask, order, rows, columns)
+        circuit_mlps: tuple[MLP, ...] | Literal["all"] = tuple(mlps)
+    else:
+        assert node_scores is not None
+        kept = [i for i in range(n_items) if chosen[i]]
+        circuit_edges = []
+        nodes = [
+            CircuitHead(components[i], "discovered", float(node_scores.values[i]))  # type: ignore[arg-type]
+            for i in kept
+            if isinstance(components[i], Head)
+        ]
+        circuit_mlps = tuple(components[i] for i in kept if isinstance(components[i], MLP))  # type: ignore[misc]
+        if not graph.has_mlp:
+            circuit_mlps = "all"
+        edge_mask = circuit_edges_of(graph, Circuit(tuple(nodes), mlps=circuit_mlps), where)
     evaluated = sorted(metric_of)
     curve_examples = torch.stack([(metric_of[x] - offset) / (f_model - offset) for x in evaluated])
     definition = "(F(C) - F(∅)) / (F(M) - F(∅))" if normalize else "F(C) / F(M)"
@@ -301,47 +468,61 @@ def discover_circuit(
         "steps": steps if method == "eap-ig" else None,
         "given_scores": given,
         "target": target,
+        "level": level,
         "ablation": ablation,
         "per_template": per_template,
+        "scores_from": scores_from,
         "normalize": normalize,
         "max_edges": max_edges,
         "grid": sizes,
         "rtol": rtol,
+        "refine": refine,
+        "refine_runs": refine_runs,
         "memory_budget": memory_budget,
     }
     made = provenance.record(
         model, method=where, args=args, data={"clean": clean, "corrupted": corrupted},
         metric=metric,
     )  # fmt: skip
+    axis = f"{level}s"
+    curve_info: dict[str, Any] = {
+        "definition": definition,
+        axis: evaluated,
+        "f_circuit": torch.tensor([float(metric_of[x].mean()) for x in evaluated]),
+        "f_model": f_model,
+        "f_empty": f_empty,
+        "metric": provenance.metric_name(metric),
+    }
+    if level == "edge":
+        curve_info["pruned_edges"] = [int(pruned(top(x)).sum()) for x in evaluated]
     curve = Result(
         values=torch.tensor([faithfulness_of(x) for x in evaluated]),
-        axes=("edges",),
-        labels={"edges": [str(x) for x in evaluated]},
+        axes=(axis,),
+        labels={axis: [str(x) for x in evaluated]},
         examples=curve_examples,
         metric="faithfulness",
         method=where,
-        info={
-            "definition": definition,
-            "edges": evaluated,
-            "pruned_edges": [int(prune(graph, kept(x)).sum()) for x in evaluated],
-            "f_circuit": torch.tensor([float(metric_of[x].mean()) for x in evaluated]),
-            "f_model": f_model,
-            "f_empty": f_empty,
-            "metric": provenance.metric_name(metric),
-        },
+        info=curve_info,
         provenance=made,
     )
-    faithfulness = faithfulness_of(k)
+    sizes_info: dict[str, Any] = {
+        "n_edges": int(edge_mask.sum()) if level == "node" else len(circuit_edges)
+    }
+    if level == "node":
+        sizes_info["n_nodes"] = int(chosen.sum())
+        sizes_info["node_scores"] = node_scores
+    if refined is not None:
+        sizes_info["refined"] = refined
     return Circuit(
         tuple(nodes),
-        mlps=tuple(mlps),
+        mlps=circuit_mlps,
         edges=tuple(circuit_edges),
         name="discovered",
         info={
             "scores": scores,
             "curve": curve,
             "k": k,
-            "n_edges": len(circuit_edges),
+            **sizes_info,
             "faithfulness": faithfulness,
             "reached": faithfulness >= target,
             "definition": definition,
@@ -352,10 +533,135 @@ def discover_circuit(
             "seconds": {
                 "scores": scored - start,
                 "search": searched - scored,
+                "refine": refined_at - searched,
                 "total": time.perf_counter() - start,
             },
             "provenance": made,
         },
+    )
+
+
+def _refine(
+    chosen: Tensor,
+    faithfulness: float,
+    target: float,
+    order: Tensor,
+    max_runs: int | None,
+    pruned: Any,
+    faithfulness_of: Any,
+    where: str,
+) -> tuple[Tensor, float, dict[str, Any]]:
+    """Greedy removal from the bool [item] set ``chosen`` while ``target`` is kept (see
+    ``discover_circuit``): ``(chosen, its faithfulness, info)``. ``faithfulness_of(sets,
+    desc)`` evaluates sets exactly; ``pruned`` drops what no longer matters after a removal."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    before, size_before = faithfulness, int(chosen.sum())
+    runs = passes = 0
+    minimal = False
+    while max_runs is None or runs < max_runs:
+        members = chosen.nonzero()[:, 0]
+        members = members[rank[members].argsort(descending=True)]  # least |score| first
+        if len(members) == 0:
+            minimal = True
+            break
+        complete = max_runs is None or runs + len(members) <= max_runs
+        if not complete:
+            members = members[: max_runs - runs]
+        passes += 1
+        singles = []
+        for item in members.tolist():
+            without = chosen.clone()
+            without[item] = False
+            singles.append(without)
+        values = faithfulness_of(singles, f"{where}: refining, pass {passes}")
+        runs += len(singles)
+        keeps = [(value, i) for i, value in enumerate(values) if value >= target]
+        if not keeps:
+            minimal = complete
+            break
+        # the removals that keep the target, the most harmless first; drop the longest prefix
+        # that keeps it together (one removal alone does)
+        keeps.sort(key=lambda pair: -pair[0])
+        ranked = [int(members[i]) for _, i in keeps]
+        counts = [c for c in _doubling(len(ranked)) if c > 1]
+        if max_runs is not None:
+            counts = counts[: max(0, max_runs - runs)]
+        trials = []
+        for count in counts:
+            without = chosen.clone()
+            without[ranked[:count]] = False
+            trials.append(without)
+        tried = faithfulness_of(trials, f"{where}: refining, pass {passes}") if trials else []
+        runs += len(trials)
+        best, best_value = 1, keeps[0][0]
+        for count, value in zip(counts, tried, strict=True):
+            if value >= target:
+                best, best_value = count, value
+        chosen = chosen.clone()
+        chosen[ranked[:best]] = False
+        chosen = pruned(chosen)
+        faithfulness = best_value
+    info = {
+        "runs": runs,
+        "passes": passes,
+        "removed": size_before - int(chosen.sum()),
+        "minimal": minimal,
+        "k_before": size_before,
+        "faithfulness_before": before,
+    }
+    return chosen, faithfulness, info
+
+
+def _doubling(m: int) -> list[int]:
+    """1, 2, 4, ... below ``m``, and ``m``."""
+    counts, c = [], 1
+    while c < m:
+        counts.append(c)
+        c *= 2
+    return [*counts, m]
+
+
+def _node_scores_of(scores: EdgeScores, components: Sequence[Component]) -> Result:
+    """Each node's score: the sum of its outgoing edges' scores (every sender but the
+    embeddings), with per-example values."""
+    examples = None if scores.examples is None else scores.examples[:, 1:].sum(0)
+    return Result(
+        values=scores.values[:, 1:].sum(0),
+        axes=("node",),
+        labels={"node": [repr(c) for c in components]},
+        examples=examples,
+        metric=scores.metric,
+        method="discover_circuit",
+        info={"from": "edge scores", **{k: scores.info.get(k) for k in ("method", "ablation")}},
+    )
+
+
+def _node_path_scores(
+    model: HookedTransformer,
+    clean: Any,
+    components: Sequence[Component],
+    metric: MetricLike,
+    evaluate_sets: Any,
+) -> Result:
+    """Exact node scores: the change of the metric when each node alone is ablated, all in one
+    batched call."""
+    everything = torch.ones(len(components), dtype=torch.bool)
+    sets = [everything]
+    for i in range(len(components)):
+        without = everything.clone()
+        without[i] = False
+        sets.append(without)
+    values = evaluate_sets(sets, "discover_circuit: exact node scores")
+    examples = (values[1:] - values[0]).float()
+    return Result(
+        values=examples.mean(-1),
+        axes=("node",),
+        labels={"node": [repr(c) for c in components]},
+        examples=examples,
+        metric=provenance.metric_name(metric),
+        method="discover_circuit",
+        info={"from": "path", "method": "path", "base_examples": values[0]},
     )
 
 

@@ -72,101 +72,21 @@ from torch import Tensor
 from circuitkit.circuits.circuit import Circuit
 from circuitkit.core import provenance
 from circuitkit.core.components import MLP, Embed, Head, position_mask
-from circuitkit.core.engine import run_interventions
+from circuitkit.core.engine import check_memory_budget, run_interventions
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
-from circuitkit.core.graph import LOGITS, Graph, SenderOutputs, sender_outputs
+from circuitkit.core.graph import LOGITS, Graph, SenderOutputs
 from circuitkit.core.inputs import as_tokens, default_metric
 from circuitkit.core.interventions import Intervention, MetricLike, SetTo, Value, Zero
 from circuitkit.core.lens import HookedTransformer
-from circuitkit.core.results import Result, bootstrap_interval
-from circuitkit.methods.ablation import AblationMethod, check_method, template_groups
+from circuitkit.core.results import Result, bootstrap_interval, check_interval
+from circuitkit.methods.ablation import (
+    Ablation,
+    AblationMethod,
+    ablated_outputs,
+    check_ablation,
+    check_method,
+)
 from circuitkit.methods.edge_patching import patch_edges
-
-AblationValue = Literal["zero", "mean", "resample", "corrupted"]
-AblationLevel = Literal["node", "edge"]
-AblationPositions = Literal["circuit", "all"]
-
-_VALUES = ("zero", "mean", "resample", "corrupted")
-# Short names of ablations, as the functions here accept them: (value, per_template).
-_NAMES = {
-    "zero": ("zero", False),
-    "mean": ("mean", False),
-    "mean-template": ("mean", True),
-    "resample": ("resample", False),
-    "resample-template": ("resample", True),
-    "corrupted": ("corrupted", False),
-}
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """How the parts of a model outside a circuit are removed (see the module docstring).
-
-    Attributes:
-        value: what replaces an ablated output: "zero"; "mean" (over the reference prompts);
-            "resample" (the output on a reference prompt drawn at random for each example,
-            seeded); "corrupted" (the output on each prompt's paired corrupted prompt).
-        per_template: take means, or draw prompts, within each prompt's template (mean and
-            resample only; both datasets need ``.templates``, as ``IOIDataset`` has).
-        level: "node" (an ablated component's output is replaced for every reader) or
-            "edge" (only the edges outside the circuit are ablated, ``ck.patch_edges``).
-        positions: "circuit" (a circuit head given at some positions is kept there only) or
-            "all" (kept at every position); by default "circuit" at node level. Edges are
-            patched at every position, so at edge level it is "all".
-
-    Example::
-
-        ck.Ablation("mean", per_template=True)      # the IOI paper's (faithfulness's default)
-        ck.Ablation("corrupted", level="edge")      # MIB's
-        ck.Ablation("mean", per_template=True, positions="all").label
-        # 'mean-template, node, all positions'
-    """
-
-    value: AblationValue = "mean"
-    per_template: bool = False
-    level: AblationLevel = "node"
-    positions: AblationPositions | None = None
-
-    def __post_init__(self) -> None:
-        where = "Ablation"
-        if self.value not in _VALUES:
-            raise CircuitkitError(f"{where}: value must be one of {_VALUES}, got {self.value!r}")
-        if not isinstance(self.per_template, bool):
-            raise CircuitkitError(
-                f"{where}: per_template must be True or False, got {self.per_template!r}"
-            )
-        if self.per_template and self.value not in ("mean", "resample"):
-            raise CircuitkitError(
-                f"{where}: per_template is for mean and resample ablation, not {self.value!r}"
-            )
-        if self.level not in ("node", "edge"):
-            raise CircuitkitError(f"{where}: level must be 'node' or 'edge', got {self.level!r}")
-        positions = self.positions
-        if positions is None:
-            positions = "circuit" if self.level == "node" else "all"
-        if positions not in ("circuit", "all"):
-            raise CircuitkitError(
-                f"{where}: positions must be 'circuit' or 'all', got {self.positions!r}"
-            )
-        if self.level == "edge" and positions != "all":
-            raise CircuitkitError(
-                f"{where}: an edge is patched at every position, so level='edge' needs "
-                f"positions='all', got {positions!r}"
-            )
-        object.__setattr__(self, "positions", positions)
-
-    @property
-    def name(self) -> str:
-        """The value's short name: "zero", "mean", "mean-template", "resample", ..."""
-        return f"{self.value}-template" if self.per_template else self.value
-
-    @property
-    def label(self) -> str:
-        """One line for tables and legends: ``'mean-template, node, circuit positions'``."""
-        if self.level == "edge":
-            return f"{self.name}, edge"
-        return f"{self.name}, node, {self.positions} positions"
-
 
 #: The ablations ``faithfulness_table`` compares by default: the IOI paper's first, then each
 #: other value at node level, the IOI paper's with circuit heads kept at every position, and
@@ -181,138 +101,6 @@ DEFAULT_CHOICES: tuple[Ablation, ...] = (
     Ablation("mean", per_template=True, level="edge"),
     Ablation("corrupted", level="edge"),
 )
-
-
-def check_ablation(
-    ablation: Ablation | str, where: str, *, level: AblationLevel | None = None
-) -> Ablation:
-    """``ablation`` as an ``Ablation``: itself, or one from a short name ("zero", "mean",
-    "mean-template", "resample", "resample-template", "corrupted") at ``level`` (default
-    "node"). With ``level`` given, an ``Ablation`` at another level is an error."""
-    if isinstance(ablation, Ablation):
-        if level is not None and ablation.level != level:
-            raise CircuitkitError(
-                f"{where}: the ablation is at level {ablation.level!r} but level={level!r}; "
-                f"give ck.Ablation(..., level={level!r}) or a short name such as 'mean'"
-            )
-        return ablation
-    if isinstance(ablation, str) and ablation in _NAMES:
-        value, per_template = _NAMES[ablation]
-        return Ablation(value, per_template=per_template, level=level or "node")  # type: ignore[arg-type]
-    raise CircuitkitError(
-        f"{where}: ablation must be a ck.Ablation or one of {list(_NAMES)}, got {ablation!r}"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# What replaces an ablated output
-
-
-def ablated_outputs(
-    model: HookedTransformer,
-    ds: Any,
-    tokens: Int[Tensor, "n pos"],
-    ablation: Ablation,
-    *,
-    reference: Any,
-    corrupted: Any,
-    n_samples: int,
-    seed: int,
-    where: str,
-    memo: dict[int, SenderOutputs] | None = None,
-) -> list[SenderOutputs]:
-    """What every sender of the model's graph outputs when ablated, one ``SenderOutputs`` per
-    draw (several only when resampling): zeros; the mean over ``reference`` (one example, or
-    one row per example of ``ds``: the mean over the reference prompts of its template); a
-    reference prompt drawn for each example (seeded, as ``ck.ablate`` draws them); or the
-    paired ``corrupted`` prompts' outputs. Node-level ablation puts these values into the
-    heads' ``z`` and the MLPs' outputs; edge-level ablation hands them to ``ck.patch_edges``.
-    ``memo`` keeps the senders' outputs on each input already run, by ``id`` of the input."""
-    n, n_pos = tokens.shape
-    cfg = model.cfg
-    memo = {} if memo is None else memo
-
-    def outputs_on(data: Any, tokens: Tensor) -> SenderOutputs:
-        if id(data) not in memo:
-            memo[id(data)] = sender_outputs(model, tokens)
-        return memo[id(data)]
-
-    if ablation.value == "zero":
-        zeros = torch.zeros(1, n_pos, cfg.d_model, dtype=cfg.dtype, device=cfg.device)
-        z = torch.zeros(1, n_pos, cfg.n_heads, cfg.d_head, dtype=cfg.dtype, device=cfg.device)
-        n_mlps = 0 if cfg.attn_only else cfg.n_layers
-        return [SenderOutputs(zeros, (z,) * cfg.n_layers, (zeros,) * n_mlps)]
-    if ablation.value == "corrupted":
-        return [outputs_on(corrupted, _paired_tokens(tokens, corrupted, where))]
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise CircuitkitError(f"{where}: n_samples must be a positive int, got {n_samples!r}")
-    ref_tokens = _reference_tokens(tokens, reference, ablation, where)
-    # the groups first, so that a dataset without templates fails before any forward pass
-    groups = template_groups(ds, reference, n, where) if ablation.per_template else None
-    outputs = outputs_on(reference, ref_tokens)
-    if ablation.value == "mean":
-        if groups is None:
-            return [outputs.mean()]
-
-        def means(x: Tensor) -> Tensor:
-            per_group = torch.stack([x[m.to(x.device)].mean(0) for m in groups.members])
-            return per_group[groups.of_example.to(x.device)]
-
-        return [
-            SenderOutputs(
-                means(outputs.embed),
-                tuple(means(z) for z in outputs.z),
-                tuple(means(out) for out in outputs.mlp_out),
-            )
-        ]
-    # resample, with the draws of ck.ablate: a generator seeded with seed, one index per example
-    generator = torch.Generator().manual_seed(seed)
-    draws = []
-    for _ in range(n_samples):
-        if groups is None:
-            index = torch.randint(0, ref_tokens.shape[0], (n,), generator=generator)
-        else:
-            index = groups.draw(generator)
-        index = index.to(outputs.embed.device)
-        draws.append(
-            SenderOutputs(
-                outputs.embed[index],
-                tuple(z[index] for z in outputs.z),
-                tuple(out[index] for out in outputs.mlp_out),
-            )
-        )
-    return draws
-
-
-def _paired_tokens(tokens: Tensor, corrupted: Any, where: str) -> Tensor:
-    if corrupted is None:
-        raise CircuitkitError(
-            f"{where}: corrupted ablation needs the paired corrupted prompts (for IOI, "
-            "ds.corrupted('ABC')), one per clean prompt"
-        )
-    paired, _ = as_tokens(corrupted, "corrupted", where, model=model)
-    if paired.shape != tokens.shape:
-        raise ShapeError(
-            f"{where}: corrupted ablation patches each prompt's own corrupted prompt, so the "
-            f"corrupted prompts need the clean prompts' shape {tuple(tokens.shape)}, got "
-            f"{tuple(paired.shape)}"
-        )
-    return paired
-
-
-def _reference_tokens(tokens: Tensor, reference: Any, ablation: Ablation, where: str) -> Tensor:
-    if reference is None:
-        raise CircuitkitError(
-            f"{where}: {ablation.value} ablation needs reference=..., the dataset or tokens "
-            "whose activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
-        )
-    ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
-    if ref_tokens.shape[1] != tokens.shape[1]:
-        raise ShapeError(
-            f"{where}: reference has {ref_tokens.shape[1]} positions but ds has "
-            f"{tokens.shape[1]}; both need the same number of positions (any number of examples)"
-        )
-    return ref_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,6 +470,7 @@ class Faithfulness:
     def ci(self, level: float = 0.95, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
         """A percentile bootstrap interval for ``ratio``: the examples are resampled (the same
         draw for both runs) and the ratio of the two means recomputed, ``n_boot`` times."""
+        check_interval(level, n_boot, seed, "Faithfulness.ci")
         examples = self.result.examples
         if examples is None or examples.shape[-1] < 2:
             raise CircuitkitError("Faithfulness.ci: needs the per-example values of >= 2 examples")
@@ -742,6 +531,7 @@ def faithfulness(
         ck.faithfulness(model, circuit, ds, reference=abc, ablation="corrupted").ratio
     """
     where = "faithfulness"
+    memory_budget = check_memory_budget(memory_budget, where)
     choice = _choice(ablation, method, per_template, where)
     runs = _circuit_runs(
         model, circuit, ds, reference=reference, corrupted=reference, metric=metric,
@@ -818,6 +608,8 @@ def faithfulness_table(
     import pandas as pd
 
     where = "faithfulness_table"
+    memory_budget = check_memory_budget(memory_budget, where)
+    check_interval(ci, n_boot, seed, where, level_name="ci")
     if isinstance(choices, (str, Ablation)) or not isinstance(choices, Sequence) or not choices:
         raise CircuitkitError(
             f"{where}: choices must be a non-empty list of ablations (ck.Ablation or short "
@@ -904,6 +696,7 @@ def ratio_interval(
 
         low, high = ratio_interval(circuit_metric, model_metric, 0.95)   # F(C) / F(M)
     """
+    check_interval(level, n_boot, seed, "ratio_interval")
     a = numerator.detach().to("cpu", torch.float64).flatten()
     b = denominator.detach().to("cpu", torch.float64).flatten()
     if a.shape != b.shape:
@@ -969,6 +762,7 @@ def completeness(
     greedy: int = 0,
     method: AblationMethod | str = "mean",
     per_template: bool = True,
+    ablation: Ablation | str | None = None,
     seed: int = 0,
     reference_engine: bool = False,
     memory_budget: int | None = None,
@@ -983,6 +777,9 @@ def completeness(
     or out with probability 1/2, from a generator seeded with ``seed``), plus, with
     ``greedy=k``, the sets of a greedy search that adds, ``k`` times, the head that most
     increases the incompleteness ``|F(C \\ K) - F(M \\ K)|`` (2 runs per candidate head).
+    ``ablation`` (a ``ck.Ablation`` or a short name, instead of ``method`` and
+    ``per_template``) removes with any choice of ``ck.faithfulness``; "corrupted" pairs each
+    prompt with the prompt of ``reference`` in the same place.
 
     Returns a ``Result`` with axes ("set", "run"), run = ("circuit", "model"): the mean metric of
     each, per-example values in ``examples``; ``info["incompleteness"]`` [sets] is
@@ -994,9 +791,11 @@ def completeness(
         result.to_dataframe().pivot(index="set", columns="run", values="value")
     """
     where = "completeness"
+    memory_budget = check_memory_budget(memory_budget, where)
     setup = _circuit_runs(
         model, circuit, ds, reference=reference, corrupted=reference, metric=metric,
-        ablation=_choice(None, method, per_template, where), n_samples=1, seed=seed, where=where,
+        ablation=_choice(ablation, method, per_template, where), n_samples=1, seed=seed,
+        where=where,
     )  # fmt: skip
     engine = dict(reference_engine=reference_engine, memory_budget=memory_budget)
     labelled = _head_sets(circuit, sets, where)
@@ -1066,6 +865,7 @@ def minimality(
     k: Literal["class", "empty"] | Mapping[Head, Iterable[Head]] = "class",
     method: AblationMethod | str = "mean",
     per_template: bool = True,
+    ablation: Ablation | str | None = None,
     seed: int = 0,
     reference_engine: bool = False,
     memory_budget: int | None = None,
@@ -1077,6 +877,8 @@ def minimality(
     without ``v``. ``K`` hides the heads that would otherwise make up for ``v``: ``k="class"``
     (the default) takes the other heads of ``v``'s class, close to the paper's hand-chosen
     sets; ``k="empty"`` removes ``v`` alone; a mapping ``{head: heads}`` gives ``K`` per head.
+    ``ablation`` (a ``ck.Ablation`` or a short name, instead of ``method`` and
+    ``per_template``) removes with any choice of ``ck.faithfulness``.
 
     Returns a ``Result`` with axis "head" (labels such as "9.9 (name mover)"): the mean
     difference per head, per-example differences in ``examples``; ``info["score"]`` is
@@ -1089,9 +891,11 @@ def minimality(
         result.info["relative"]          # fraction of F(M) each head is worth in the circuit
     """
     where = "minimality"
+    memory_budget = check_memory_budget(memory_budget, where)
     setup = _circuit_runs(
         model, circuit, ds, reference=reference, corrupted=reference, metric=metric,
-        ablation=_choice(None, method, per_template, where), n_samples=1, seed=seed, where=where,
+        ablation=_choice(ablation, method, per_template, where), n_samples=1, seed=seed,
+        where=where,
     )  # fmt: skip
     engine = dict(reference_engine=reference_engine, memory_budget=memory_budget)
     heads = list(circuit.heads)
@@ -1187,16 +991,10 @@ def _head_sets(circuit: Circuit, sets: HeadSets | None, where: str) -> list[tupl
 
 __all__ = [
     "DEFAULT_CHOICES",
-    "Ablation",
     "AblatedRun",
     "AblatedRuns",
-    "ablated_outputs",
-    "AblationLevel",
-    "AblationPositions",
-    "AblationValue",
     "Faithfulness",
     "HeadSets",
-    "check_ablation",
     "circuit_edges",
     "completeness",
     "evaluate_together",

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
 from circuitkit.core import provenance
-from circuitkit.core.components import Head
-from circuitkit.core.engine import run_interventions
+from circuitkit.core.components import Head, check_layers
+from circuitkit.core.engine import check_memory_budget, run_interventions
 from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.graph import Edge
 from circuitkit.core.inputs import as_tokens, default_metric
@@ -96,6 +96,9 @@ def find_ioi_circuit(
         ck.faithfulness(model, circuit, ds, reference=abc)
     """
     where = "find_ioi_circuit"
+    memory_budget = check_memory_budget(memory_budget, where)
+    if layers is not None:
+        check_layers(model, layers, where)
     for name, value in (
         ("relative_threshold", relative_threshold),
         ("min_attention", min_attention),

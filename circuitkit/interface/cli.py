@@ -34,6 +34,10 @@ DISCOVER_N, QUICK_DISCOVER_N = 24, 8
 # Activation patching sweeps every head's output, query, key and value: on fewer prompts still.
 PATCH_N, QUICK_PATCH_N = 20, 4
 QUICK_SWEEPS = ("resid", "head")
+# The circuit's faithfulness under each ablation choice (ck.faithfulness_table): every default
+# choice on the first TABLE_N prompts; with --quick the node-level values on fewer.
+TABLE_N, QUICK_TABLE_N = 40, 8
+QUICK_TABLE_CHOICES = ("mean-template", "mean", "zero", "resample", "corrupted")
 # With --quick the circuit's senders are the heads of the layers from n_layers // 3 on.
 QUICK_FIRST_LAYER = 3
 # What a model's first load costs, said before it starts (the conversion is cached).
@@ -113,11 +117,19 @@ def _parser() -> argparse.ArgumentParser:
         f"({PATCH_N}; {QUICK_PATCH_N} with --quick)",
     )
     ioi.add_argument(
+        "--table-n",
+        type=_positive_int,
+        default=None,
+        help=f"prompts the circuit's faithfulness under each ablation is measured on, the first "
+        f"of the n ({TABLE_N}; {QUICK_TABLE_N} with --quick)",
+    )
+    ioi.add_argument(
         "--quick",
         action="store_true",
         help=f"a first look: {QUICK_N} prompts, the circuit found on {QUICK_DISCOVER_N} among "
         "the heads of the later two thirds of the layers, activation patching of the residual "
-        f"stream and heads' outputs on {QUICK_PATCH_N}",
+        f"stream and heads' outputs on {QUICK_PATCH_N}, the faithfulness under "
+        f"{len(QUICK_TABLE_CHOICES)} node-level ablations on {QUICK_TABLE_N}",
     )
     ioi.set_defaults(run=_run_ioi)
 
@@ -171,6 +183,7 @@ def _progress(message: str) -> None:
 
 
 def _run_ioi(args: argparse.Namespace) -> int:
+    from circuitkit.circuits.faithfulness import DEFAULT_CHOICES
     from circuitkit.core.models import load_model
     from circuitkit.data.ioi import IOIDataset
     from circuitkit.interface.ioi_report import ioi_report, ioi_study
@@ -178,6 +191,7 @@ def _run_ioi(args: argparse.Namespace) -> int:
         section_baseline,
         section_circuit,
         section_direct_heads,
+        section_faithfulness_table,
         section_header,
         section_logit_lens,
         section_templates,
@@ -186,6 +200,7 @@ def _run_ioi(args: argparse.Namespace) -> int:
     n = args.n or (QUICK_N if args.quick else DEFAULT_N)
     discover_n = args.discover_n or (QUICK_DISCOVER_N if args.quick else DISCOVER_N)
     patch_n = args.patch_n or (QUICK_PATCH_N if args.quick else PATCH_N)
+    table_n = args.table_n or (QUICK_TABLE_N if args.quick else TABLE_N)
     clock = time.perf_counter()
     _progress(f"loading {args.model}{_FIRST_USE.get(args.model, '')} ...")
     model = load_model(args.model, device=args.device)
@@ -204,6 +219,8 @@ def _run_ioi(args: argparse.Namespace) -> int:
         # a first look patches the residual stream and the heads' outputs; the whole study
         # also every head's query, key and value
         sweeps=QUICK_SWEEPS if args.quick else ("resid", "head", "q", "k", "v"),
+        table_choices=QUICK_TABLE_CHOICES if args.quick else DEFAULT_CHOICES,
+        table_n=table_n,
         batch_size=args.batch_size,
         say=_progress,
     )
@@ -222,6 +239,9 @@ def _run_ioi(args: argparse.Namespace) -> int:
         seconds = (study.seconds["circuit"], study.seconds["faithfulness"])
         print()
         print(section_circuit(study.circuit, study.faithful, study.discover_n, seconds))
+        if study.table is not None:
+            print()
+            print(section_faithfulness_table(study.table, study.table_n))
     if args.out is not None:
         path = ioi_report(study, model_name=args.model).write(args.out)
         print()

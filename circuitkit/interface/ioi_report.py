@@ -2,11 +2,13 @@
 
 ``ioi_study`` runs the model on IOI prompts and their ABC corruption (baseline scores, direct
 logit attribution, the logit lens, activation patching sweeps and, unless left out, the IOI
-circuit with its faithfulness); ``ioi_report`` lays the study out as a ``Report``.
+circuit with its faithfulness, also under each ablation choice of ``ck.faithfulness_table``);
+``ioi_report`` lays the study out as a ``Report``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuitkit.circuits.circuit import Circuit, CircuitHead
-from circuitkit.circuits.faithfulness import Faithfulness, faithfulness
+from circuitkit.circuits.faithfulness import (
+    DEFAULT_CHOICES,
+    Faithfulness,
+    faithfulness,
+    faithfulness_table,
+)
 from circuitkit.circuits.ioi_circuit import find_ioi_circuit
 from circuitkit.core import metrics
 from circuitkit.core.errors import CircuitkitError
@@ -29,6 +36,7 @@ from circuitkit.data.ioi import IOIDataset
 from circuitkit.interface.plot import plot
 from circuitkit.interface.plot_circuit import plot_circuit
 from circuitkit.interface.report import Report
+from circuitkit.methods.ablation import Ablation
 from circuitkit.methods.activation_patching import activation_patching
 from circuitkit.methods.logit_attribution import (
     direct_logit_attribution,
@@ -110,6 +118,9 @@ class IOIStudy:
             prompts, or None when skipped; its ``info`` holds the path-patching results.
         faithful: its faithfulness on all the prompts, or None.
         seconds: wall time of each part.
+        table: its ``ck.faithfulness_table`` (one row per ablation choice) on the first
+            ``table_n`` prompts, or None.
+        table_n: the prompts the table is measured on.
     """
 
     ds: IOIDataset
@@ -124,6 +135,8 @@ class IOIStudy:
     discover_n: int
     patch_n: int
     seconds: dict[str, float]
+    table: Any = None
+    table_n: int = 0
 
 
 def ioi_study(
@@ -136,6 +149,8 @@ def ioi_study(
     patching: bool = True,
     patch_n: int = 20,
     sweeps: Sequence[str] = ("resid", "head", "q", "k", "v"),
+    table_choices: Sequence[Ablation | str] = DEFAULT_CHOICES,
+    table_n: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
@@ -145,7 +160,9 @@ def ioi_study(
     the residual stream by layer and word; "head", "q", "k", "v", every head's output, query,
     key and value) on the first ``patch_n`` prompts, and the IOI circuit (``find_ioi_circuit``
     on the first ``discover_n`` prompts, its senders the heads of ``circuit_layers``, all by
-    default) with its faithfulness on all of them.
+    default) with its faithfulness on all of them, and its ``ck.faithfulness_table`` under
+    each ablation of ``table_choices`` (none: no table) on the first ``table_n`` prompts (all
+    by default; the edge-level choices cost most).
 
     ``say`` receives a line as each stage starts, with its expected duration (from the time
     the baseline's forward passes took), and one when it ends, with the time it took.
@@ -162,6 +179,10 @@ def ioi_study(
         )
     cfg = model.cfg
     patch_n, discover_n = min(patch_n, ds.n), min(discover_n, ds.n)
+    table_n = ds.n if table_n is None else min(table_n, ds.n)
+    choices = list(table_choices)
+    # three runs per choice; an edge-level run costs about two forward passes
+    table_passes = sum(3 * (2 if _level(c) == "edge" else 1) for c in choices) * table_n
     words = [w for w in _WORDS if w in ds.positions]
     heads_searched = cfg.n_heads * (cfg.n_layers if circuit_layers is None else len(circuit_layers))
     # Forward passes of one prompt each stage costs (patches x prompts, weighted by the share
@@ -170,7 +191,7 @@ def ioi_study(
         "resid": len(words) * cfg.n_layers * patch_n * _RESID_SHARE,
         "head": cfg.n_layers * cfg.n_heads * patch_n * _HEAD_SHARE,
         "circuit": heads_searched * discover_n * _CIRCUIT_SHARE,
-        "faithfulness": _FAITHFULNESS_PASSES * ds.n,
+        "faithfulness": _FAITHFULNESS_PASSES * ds.n + table_passes,
     }
     for name in ("q", "k", "v"):
         work[name] = work["head"]
@@ -228,7 +249,7 @@ def ioi_study(
             done()
             number += 1
 
-    found, faithful = None, None
+    found, faithful, table = None, None, None
     if circuit:
         searched = "" if circuit_layers is None else f", heads of layers {_span(circuit_layers)}"
         done = stage(
@@ -244,13 +265,26 @@ def ioi_study(
             progress=progress,
         )
         done()
-        done = stage(number + 1, f"measuring its faithfulness on {ds.n} prompts", "faithfulness")
+        also = f", and under {len(choices)} ablations on {table_n}" if choices else ""
+        done = stage(
+            number + 1, f"measuring its faithfulness on {ds.n} prompts{also}", "faithfulness"
+        )
         faithful = faithfulness(model, found, ds, reference=abc, progress=progress)
+        if choices:
+            sub_abc = abc[:table_n]
+            table = faithfulness_table(
+                model, found, ds[:table_n], sub_abc, reference=sub_abc, choices=choices,
+                progress=progress,
+            )  # fmt: skip
         done()
     return IOIStudy(
         ds, abc, clean, corrupted, heads, lens, patched, found, faithful, discover_n, patch_n,
-        seconds,
+        seconds, table, table_n if table is not None else 0,
     )  # fmt: skip
+
+
+def _level(choice: Ablation | str) -> str:
+    return choice.level if isinstance(choice, Ablation) else "node"
 
 
 # The share of a full forward pass of one prompt that the engine runs per patch, by sweep:
@@ -292,9 +326,10 @@ def ioi_report(study: IOIStudy, *, model_name: str) -> Report:
     attribution by head, the activation-patching heatmaps, the path-patching results behind the
     circuit (to the logits and to the name movers' queries, each head's change of the logit
     difference from the unpatched run), the attention scores of the circuit's heads, the
-    circuit as a graph with its classes and its faithfulness. Every figure is an interactive
-    plotly chart with a one-line caption; every result is saved beside the page when it is
-    written.
+    circuit as a graph with its classes and its faithfulness, and its faithfulness under each
+    ablation choice (``ck.faithfulness_table``) when the study has it. Every figure is an
+    interactive plotly chart with a one-line caption; every result is saved beside the page
+    when it is written.
 
     Example::
 
@@ -475,6 +510,24 @@ def _circuit_sections(report: Report, study: IOIStudy) -> None:
         text_columns=(0, 1),
     )
     report.add_result(faithful.result, "faithfulness")
+    if study.table is not None:
+        report.heading(
+            "Faithfulness under each ablation",
+            "The same circuit with what 'ablated' means changed (Miller et al. 2024 show how "
+            "much the number depends on it): the value that replaces an ablated output (zero, "
+            "the mean over the ABC prompts, per template or over all, a resampled ABC prompt, "
+            "each prompt's own ABC twin), at node level (heads and MLPs outside the circuit) "
+            "or edge level (only the edges outside it), circuit heads kept at their positions "
+            "or at all. Normalised: (F(C) - F(∅)) / (F(M) - F(∅)), F(∅) with everything "
+            "ablated.",
+        )
+        report.table(
+            ["ablation", "F(C) / F(M) (95% interval)", "normalised (95% interval)", "F(C)",
+             "F(M)", "F(∅)"],
+            table_rows(study.table),
+            f"ck.faithfulness_table on {study.table_n} prompts.",
+            text_columns=(0, 1, 2),
+        )  # fmt: skip
 
 
 def _attention_figure(circuit: Circuit) -> go.Figure:
@@ -545,6 +598,28 @@ def class_rows(circuit: Circuit) -> list[list[str]]:
     ]
 
 
+def table_rows(table: Any) -> list[list[str]]:
+    """One row per ablation of a ``ck.faithfulness_table``: its label, the faithfulness and the
+    normalised faithfulness with their intervals (in %), and F(C), F(M), F(∅)."""
+
+    def percent(value: float, low: float, high: float) -> str:
+        if math.isnan(low) or math.isnan(high):  # a denominator that can reach 0: no interval
+            return f"{100 * value:.1f}% (no interval)"
+        return f"{100 * value:.1f}% ({100 * low:.0f}% to {100 * high:.0f}%)"
+
+    return [
+        [
+            row.ablation,
+            percent(row.faithfulness, row.ci_low, row.ci_high),
+            percent(row.normalized, row.normalized_ci_low, row.normalized_ci_high),
+            f"{row.f_circuit:.3f}",
+            f"{row.f_model:.3f}",
+            f"{row.f_empty:.3f}",
+        ]
+        for row in table.itertuples()
+    ]
+
+
 def _std(values: Tensor) -> float:
     return float(values.std()) if values.numel() > 1 else 0.0
 
@@ -558,4 +633,5 @@ __all__ = [
     "ioi_report",
     "ioi_scores",
     "ioi_study",
+    "table_rows",
 ]

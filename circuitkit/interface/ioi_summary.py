@@ -6,11 +6,19 @@ aligned columns. New sections go beside these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from circuitkit.circuits.circuit import Circuit
 from circuitkit.circuits.faithfulness import Faithfulness
 from circuitkit.core.results import Result
 from circuitkit.data.ioi import IOIDataset
-from circuitkit.interface.ioi_report import PAPER_GPT2, IOIScores, baseline_rows, class_rows
+from circuitkit.interface.ioi_report import (
+    PAPER_GPT2,
+    IOIScores,
+    baseline_rows,
+    class_rows,
+    table_rows,
+)
 
 
 def section_header(model_name: str, ds: IOIDataset) -> str:
@@ -122,6 +130,19 @@ def section_circuit(
     )
 
 
+def section_faithfulness_table(frame: Any, n: int) -> str:
+    """The circuit's ``ck.faithfulness_table``, one line per ablation choice."""
+    headers = ["ablation", "F(C)/F(M) (95% interval)", "normalised (95% interval)", "F(C)",
+               "F(M)", "F(∅)"]  # fmt: skip
+    return "\n".join(
+        [
+            f"Faithfulness of the circuit under each ablation (ck.faithfulness_table, {n} prompts)",
+            "  normalised: (F(C) - F(∅)) / (F(M) - F(∅)), F(∅) with everything ablated",
+            table(headers, table_rows(frame), align="<<<>>>"),
+        ]
+    )
+
+
 def shorten(template: str, width: int) -> str:
     text = template.replace("{", "").replace("}", "")
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -138,10 +159,6 @@ def table(headers: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)]).rstrip()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
     "section_header",
     "section_baseline",
@@ -149,5 +166,6 @@ __all__ = [
     "section_direct_heads",
     "section_logit_lens",
     "section_circuit",
+    "section_faithfulness_table",
     "table",
 ]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -40,6 +40,7 @@ from circuitkit.core import provenance
 from circuitkit.core.components import Component, Neuron, all_components
 from circuitkit.core.engine import run_interventions
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
+from circuitkit.core.graph import SenderOutputs, sender_outputs
 from circuitkit.core.inputs import as_index_list, as_tokens, default_metric, token_labels
 from circuitkit.core.interventions import Intervention, MetricLike, Patch, SetTo, Value, Zero
 from circuitkit.core.lens import HookedTransformer
@@ -213,7 +214,7 @@ def ablation_sweep(
     _validate(model, components, where)
     pos_items: list[int | str | None] = [None]
     if positions is not None:
-        pos_items = as_index_list(positions)
+        pos_items = as_index_list(positions, where)
         n_pos = tokens.shape[1]
         for p in pos_items:
             if isinstance(p, int) and not -n_pos <= p < n_pos:
@@ -316,7 +317,7 @@ def _expand(
                     f"{where}: 'neuron' is not a kind one can ablate whole; list the neurons "
                     "(ck.Neuron(layer, i)) or ablate the layer's MLP (ck.MLP(layer))"
                 )
-            chosen.extend(all_components(model, item)[0])
+            chosen.extend(all_components(model, item, where=where)[0])
         elif isinstance(item, Component):
             chosen.append(item)
         else:
@@ -372,7 +373,7 @@ def _sweep_components(
     if layer is not None:
         raise CircuitkitError(f"{where}: layer= is only for component='neuron', got {component!r}")
     if isinstance(component, str):
-        return all_components(model, component, layers)
+        return all_components(model, component, layers, where)
     comps = list(component)
     if not comps or not all(isinstance(c, Component) for c in comps):
         raise CircuitkitError(
@@ -546,3 +547,227 @@ def _run_in_parts(
 
 def _metric_name(metric: MetricLike) -> str:
     return getattr(metric, "name", getattr(metric, "__name__", "metric"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation choices: what replaces a removed component's output
+
+
+AblationValue = Literal["zero", "mean", "resample", "corrupted"]
+AblationLevel = Literal["node", "edge"]
+AblationPositions = Literal["circuit", "all"]
+
+_VALUES = ("zero", "mean", "resample", "corrupted")
+# Short names of ablations, as the functions here accept them: (value, per_template).
+_NAMES = {
+    "zero": ("zero", False),
+    "mean": ("mean", False),
+    "mean-template": ("mean", True),
+    "resample": ("resample", False),
+    "resample-template": ("resample", True),
+    "corrupted": ("corrupted", False),
+}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """How the parts of a model outside a circuit are removed (see the module docstring).
+
+    Attributes:
+        value: what replaces an ablated output: "zero"; "mean" (over the reference prompts);
+            "resample" (the output on a reference prompt drawn at random for each example,
+            seeded); "corrupted" (the output on each prompt's paired corrupted prompt).
+        per_template: take means, or draw prompts, within each prompt's template (mean and
+            resample only; both datasets need ``.templates``, as ``IOIDataset`` has).
+        level: "node" (an ablated component's output is replaced for every reader) or
+            "edge" (only the edges outside the circuit are ablated, ``ck.patch_edges``).
+        positions: "circuit" (a circuit head given at some positions is kept there only) or
+            "all" (kept at every position); by default "circuit" at node level. Edges are
+            patched at every position, so at edge level it is "all".
+
+    Example::
+
+        ck.Ablation("mean", per_template=True)      # the IOI paper's (faithfulness's default)
+        ck.Ablation("corrupted", level="edge")      # MIB's
+        ck.Ablation("mean", per_template=True, positions="all").label
+        # 'mean-template, node, all positions'
+    """
+
+    value: AblationValue = "mean"
+    per_template: bool = False
+    level: AblationLevel = "node"
+    positions: AblationPositions | None = None
+
+    def __post_init__(self) -> None:
+        where = "Ablation"
+        if self.value not in _VALUES:
+            raise CircuitkitError(f"{where}: value must be one of {_VALUES}, got {self.value!r}")
+        if not isinstance(self.per_template, bool):
+            raise CircuitkitError(
+                f"{where}: per_template must be True or False, got {self.per_template!r}"
+            )
+        if self.per_template and self.value not in ("mean", "resample"):
+            raise CircuitkitError(
+                f"{where}: per_template is for mean and resample ablation, not {self.value!r}"
+            )
+        if self.level not in ("node", "edge"):
+            raise CircuitkitError(f"{where}: level must be 'node' or 'edge', got {self.level!r}")
+        positions = self.positions
+        if positions is None:
+            positions = "circuit" if self.level == "node" else "all"
+        if positions not in ("circuit", "all"):
+            raise CircuitkitError(
+                f"{where}: positions must be 'circuit' or 'all', got {self.positions!r}"
+            )
+        if self.level == "edge" and positions != "all":
+            raise CircuitkitError(
+                f"{where}: an edge is patched at every position, so level='edge' needs "
+                f"positions='all', got {positions!r}"
+            )
+        object.__setattr__(self, "positions", positions)
+
+    @property
+    def name(self) -> str:
+        """The value's short name: "zero", "mean", "mean-template", "resample", ..."""
+        return f"{self.value}-template" if self.per_template else self.value
+
+    @property
+    def label(self) -> str:
+        """One line for tables and legends: ``'mean-template, node, circuit positions'``."""
+        if self.level == "edge":
+            return f"{self.name}, edge"
+        return f"{self.name}, node, {self.positions} positions"
+
+
+def check_ablation(
+    ablation: Ablation | str, where: str, *, level: AblationLevel | None = None
+) -> Ablation:
+    """``ablation`` as an ``Ablation``: itself, or one from a short name ("zero", "mean",
+    "mean-template", "resample", "resample-template", "corrupted") at ``level`` (default
+    "node"). With ``level`` given, an ``Ablation`` at another level is an error."""
+    if isinstance(ablation, Ablation):
+        if level is not None and ablation.level != level:
+            raise CircuitkitError(
+                f"{where}: the ablation is at level {ablation.level!r} but level={level!r}; "
+                f"give ck.Ablation(..., level={level!r}) or a short name such as 'mean'"
+            )
+        return ablation
+    if isinstance(ablation, str) and ablation in _NAMES:
+        value, per_template = _NAMES[ablation]
+        return Ablation(value, per_template=per_template, level=level or "node")  # type: ignore[arg-type]
+    raise CircuitkitError(
+        f"{where}: ablation must be a ck.Ablation or one of {list(_NAMES)}, got {ablation!r}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What replaces an ablated output
+
+
+def ablated_outputs(
+    model: HookedTransformer,
+    ds: Any,
+    tokens: Int[Tensor, "n pos"],
+    ablation: Ablation,
+    *,
+    reference: Any,
+    corrupted: Any,
+    n_samples: int,
+    seed: int,
+    where: str,
+    memo: dict[int, SenderOutputs] | None = None,
+) -> list[SenderOutputs]:
+    """What every sender of the model's graph outputs when ablated, one ``SenderOutputs`` per
+    draw (several only when resampling): zeros; the mean over ``reference`` (one example, or
+    one row per example of ``ds``: the mean over the reference prompts of its template); a
+    reference prompt drawn for each example (seeded, as ``ck.ablate`` draws them); or the
+    paired ``corrupted`` prompts' outputs. Node-level ablation puts these values into the
+    heads' ``z`` and the MLPs' outputs; edge-level ablation hands them to ``ck.patch_edges``.
+    ``memo`` keeps the senders' outputs on each input already run, by ``id`` of the input."""
+    n, n_pos = tokens.shape
+    cfg = model.cfg
+    memo = {} if memo is None else memo
+
+    def outputs_on(data: Any, tokens: Tensor) -> SenderOutputs:
+        if id(data) not in memo:
+            memo[id(data)] = sender_outputs(model, tokens)
+        return memo[id(data)]
+
+    if ablation.value == "zero":
+        zeros = torch.zeros(1, n_pos, cfg.d_model, dtype=cfg.dtype, device=cfg.device)
+        z = torch.zeros(1, n_pos, cfg.n_heads, cfg.d_head, dtype=cfg.dtype, device=cfg.device)
+        n_mlps = 0 if cfg.attn_only else cfg.n_layers
+        return [SenderOutputs(zeros, (z,) * cfg.n_layers, (zeros,) * n_mlps)]
+    if ablation.value == "corrupted":
+        return [outputs_on(corrupted, _paired_tokens(model, tokens, corrupted, where))]
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise CircuitkitError(f"{where}: n_samples must be a positive int, got {n_samples!r}")
+    ref_tokens = _reference_tokens(model, tokens, reference, ablation, where)
+    # the groups first, so that a dataset without templates fails before any forward pass
+    groups = template_groups(ds, reference, n, where) if ablation.per_template else None
+    outputs = outputs_on(reference, ref_tokens)
+    if ablation.value == "mean":
+        if groups is None:
+            return [outputs.mean()]
+
+        def means(x: Tensor) -> Tensor:
+            per_group = torch.stack([x[m.to(x.device)].mean(0) for m in groups.members])
+            return per_group[groups.of_example.to(x.device)]
+
+        return [
+            SenderOutputs(
+                means(outputs.embed),
+                tuple(means(z) for z in outputs.z),
+                tuple(means(out) for out in outputs.mlp_out),
+            )
+        ]
+    # resample, with the draws of ck.ablate: a generator seeded with seed, one index per example
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(n_samples):
+        if groups is None:
+            index = torch.randint(0, ref_tokens.shape[0], (n,), generator=generator)
+        else:
+            index = groups.draw(generator)
+        index = index.to(outputs.embed.device)
+        draws.append(
+            SenderOutputs(
+                outputs.embed[index],
+                tuple(z[index] for z in outputs.z),
+                tuple(out[index] for out in outputs.mlp_out),
+            )
+        )
+    return draws
+
+
+def _paired_tokens(model: HookedTransformer, tokens: Tensor, corrupted: Any, where: str) -> Tensor:
+    if corrupted is None:
+        raise CircuitkitError(
+            f"{where}: corrupted ablation needs the paired corrupted prompts (for IOI, "
+            "ds.corrupted('ABC')), one per clean prompt"
+        )
+    paired, _ = as_tokens(corrupted, "corrupted", where, model=model)
+    if paired.shape != tokens.shape:
+        raise ShapeError(
+            f"{where}: corrupted ablation patches each prompt's own corrupted prompt, so the "
+            f"corrupted prompts need the clean prompts' shape {tuple(tokens.shape)}, got "
+            f"{tuple(paired.shape)}"
+        )
+    return paired
+
+
+def _reference_tokens(
+    model: HookedTransformer, tokens: Tensor, reference: Any, ablation: Ablation, where: str
+) -> Tensor:
+    if reference is None:
+        raise CircuitkitError(
+            f"{where}: {ablation.value} ablation needs reference=..., the dataset or tokens "
+            "whose activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
+        )
+    ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
+    if ref_tokens.shape[1] != tokens.shape[1]:
+        raise ShapeError(
+            f"{where}: reference has {ref_tokens.shape[1]} positions but ds has "
+            f"{tokens.shape[1]}; both need the same number of positions (any number of examples)"
+        )
+    return ref_tokens

@@ -37,6 +37,15 @@ point is the base run and ``steps=1`` is plain EAP. The senders' outputs in the 
 always those of the two real runs. Edge scores are estimated changes of the metric (not
 metric values), default ``direction="noise"`` as in path patching and the EAP papers.
 
+The other run need not be a run. A circuit is usually evaluated with the edges outside it
+*ablated* (``ck.Ablation``: their senders' mean over the corrupted prompts, per template as in
+the IOI paper, or a resampled prompt's output), not patched from each prompt's corrupted twin;
+scores that estimate the same intervention rank the edges for that evaluation. With
+``ablation="mean-template"`` (or "mean", "resample", "zero", a ``ck.Ablation``) the "other"
+outputs ``out_u(other)`` are those ablated values, and EAP-IG's path runs from the ablated
+embeddings (the mean embeddings, say) to the clean ones. ``ablation="corrupted"`` (the
+default) is the paired corrupted run, as in the EAP papers.
+
 Both leave the model as they found it: no parameter gets a gradient (``torch.autograd.grad``
 is asked for the activations' gradients only), no ``requires_grad`` flag or training mode is
 changed, the configuration flags that split the receivers' inputs are put back, and every hook
@@ -67,7 +76,9 @@ from circuitkit.core.components import (
 )
 from circuitkit.core.engine import (
     bytes_per_run,
+    check_memory_budget,
     default_memory_budget,
+    final_residual,
     hooks_added,
     unembed_residual,
 )
@@ -84,9 +95,10 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import HookedTransformer
+from circuitkit.core.lens import HookedTransformer, is_bridge
 from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 from circuitkit.core.results import Result
+from circuitkit.methods.ablation import Ablation, ablated_outputs, check_ablation
 from circuitkit.methods.activation_patching import sweep_cells
 
 Direction = Literal["denoise", "noise"]
@@ -136,6 +148,7 @@ def attribution_patching(
         ck.plot(fast), ck.plot(exact)       # same axes, same meaning
     """
     where = "attribution_patching"
+    memory_budget = check_memory_budget(memory_budget, where)
     if isinstance(metric, (str, list, tuple)):
         raise CircuitkitError(
             f"{where}: the metric comes before the component, "
@@ -215,6 +228,9 @@ def edge_attribution_patching(
     method: EdgeMethod = "eap",
     steps: int = 5,
     direction: Direction = "noise",
+    ablation: Ablation | str = "corrupted",
+    ablation_reference: Any | Int[Tensor, "n_ref pos"] | None = None,
+    seed: int = 0,
     reference: bool = False,
     memory_budget: int | None = None,
     keep_examples: bool = True,
@@ -233,8 +249,16 @@ def edge_attribution_patching(
     ``"denoise"`` the reverse. ``reference=True`` runs the plainly written version: per edge and
     step, one forward and backward pass that differentiates the metric along that edge alone.
 
+    ``ablation`` says what the other outputs are when noising: "corrupted" (the default) the
+    paired corrupted prompt's; "mean" the mean over ``ablation_reference`` (default
+    ``corrupted``), "mean-template" that mean within each prompt's template, "resample" a
+    reference prompt drawn per example (seeded with ``seed``), "zero", or a ``ck.Ablation``
+    (its value and ``per_template``): the values a circuit's faithfulness is then measured
+    with, so the scores estimate that evaluation's single-edge ablations (module docstring).
+
     Returns ``EdgeScores``, a ``Result`` with axes ("receiver", "sender") and the per-example
-    scores, 0 where there is no edge; ``info["base"]`` is the base run's metric.
+    scores, 0 where there is no edge; ``info["base"]`` is the base run's metric,
+    ``info["ablation"]`` the other outputs' name ("corrupted", "mean-template", ...).
 
     Example::
 
@@ -242,8 +266,11 @@ def edge_attribution_patching(
                                               method="eap-ig", steps=5)
         scores.top_edges(10)
         scores.to_dataframe().sort_values("value").head()
+        # scored against the per-template mean of the ABC prompts, as ck.faithfulness ablates
+        ck.edge_attribution_patching(model, ds, abc, ablation="mean-template").top_edges(10)
     """
     where = "edge_attribution_patching"
+    memory_budget = check_memory_budget(memory_budget, where)
     if isinstance(metric, str):
         raise CircuitkitError(f"{where}: metric must be a metric, got the string {metric!r}")
     if method not in ("eap", "eap-ig"):
@@ -252,6 +279,12 @@ def edge_attribution_patching(
         raise CircuitkitError(f"{where}: steps must be a positive int, got {steps!r}")
     if direction not in ("denoise", "noise"):
         raise CircuitkitError(f"{where}: direction must be 'denoise' or 'noise', got {direction!r}")
+    choice = check_ablation(ablation, where)
+    if choice.value != "corrupted" and direction != "noise":
+        raise CircuitkitError(
+            f"{where}: ablation={choice.name!r} replaces the clean run's senders by ablated "
+            "values, which is noising; use direction='noise' (or ablation='corrupted')"
+        )
     graph = Graph.of(model, where)
     clean_tokens, _ = as_tokens(clean, "clean", where, model=model)
     corrupted_tokens, _ = as_tokens(corrupted, "corrupted", where, model=model)
@@ -264,15 +297,26 @@ def edge_attribution_patching(
         base, other = corrupted_tokens, clean_tokens
     base, other = base.to(model.cfg.device), other.to(model.cfg.device)
     n_steps = steps if method == "eap-ig" else 1
+    if choice.value == "corrupted":
+        other_outputs = sender_outputs(model, other)
+    else:
+        (other_outputs,) = ablated_outputs(
+            model, clean, clean_tokens, choice,
+            reference=corrupted if ablation_reference is None else ablation_reference,
+            corrupted=corrupted, n_samples=1, seed=seed, where=where,
+        )  # fmt: skip
 
     desc = f"{where} ({method})"
-    if reference:
+    # On a TransformerBridge the batched path's scores do not match its reference path (on a
+    # tiny Llama, by as much as the scores themselves); the reference path matches the
+    # HookedTransformer of the same weights to 1e-8, so a bridge takes it.
+    if reference or is_bridge(model):
         scores, base_values = _edge_reference(
-            model, graph, base, other, metric, n_steps, None, progress, desc
+            model, graph, base, other_outputs, metric, n_steps, None, progress, desc
         )
     else:
         scores, base_values = _edge_attribution(
-            model, graph, base, other, metric, n_steps, memory_budget, progress, desc
+            model, graph, base, other_outputs, metric, n_steps, memory_budget, progress, desc
         )
     made = provenance.record(
         model,
@@ -281,11 +325,13 @@ def edge_attribution_patching(
             "method": method,
             "steps": n_steps,
             "direction": direction,
+            "ablation": choice.name,
+            "seed": seed,
             "reference": reference,
             "memory_budget": memory_budget,
             "keep_examples": keep_examples,
         },
-        data={"clean": clean, "corrupted": corrupted},
+        data={"clean": clean, "corrupted": corrupted, "ablation_reference": ablation_reference},
         metric=metric,
     )
     examples = scores.permute(1, 2, 0)
@@ -298,6 +344,7 @@ def edge_attribution_patching(
             "method": method,
             "steps": n_steps,
             "direction": direction,
+            "ablation": choice.name,
             "base": float(base_values.mean()),
             "base_examples": base_values,
         },
@@ -394,7 +441,7 @@ def _node_attribution(
 
         hooks = [(name, lambda act, name=name: keep(act, name)) for name in leaves | set(names)]
         with torch.enable_grad(), hooks_added(model, hooks):
-            residual = model(base[rows], stop_at_layer=model.cfg.n_layers)
+            residual = final_residual(model, base[rows])
             batch_metric = select_examples(metric, rows, n) if len(rows) < n else metric
             values = _metric_of_batch(model, residual, batch_metric, 1, "attribution_patching")[0]
             grads = _gradients(values.sum(), [acts[name] for name in names])
@@ -462,7 +509,7 @@ def _edge_attribution(
     model: HookedTransformer,
     graph: Graph,
     base: Tensor,
-    other: Tensor,
+    other_outputs: SenderOutputs,
     metric: MetricLike,
     n_steps: int,
     memory_budget: int | None,
@@ -470,11 +517,11 @@ def _edge_attribution(
     desc: str,
 ) -> tuple[Float[Tensor, "n receiver sender"], Float[Tensor, "n"]]:
     """``(scores [n, receiver, sender], base metric [n])``: per batch of examples, one forward
-    and backward pass of ``n_steps`` interpolated runs stacked along the batch."""
+    and backward pass of ``n_steps`` interpolated runs stacked along the batch. ``other_outputs``
+    has one row per example, or one for all (a mean)."""
     cfg = model.cfg
     n, n_pos = base.shape
     n_layers, d_model = cfg.n_layers, cfg.d_model
-    other_outputs = sender_outputs(model, other)
     embed_name = Resid(0, "pre").hook_name(model)
     z_names = [Head(layer, 0).hook_name(model) for layer in range(n_layers)]
     mlp_names = [MLP(layer).hook_name(model) for layer in range(n_layers)] if graph.has_mlp else []
@@ -503,7 +550,8 @@ def _edge_attribution(
         ):
             b = len(rows)
             device_rows = rows.to(base.device)
-            other_embed = other_outputs.embed[device_rows]
+            other_rows = _expanded(other_outputs.rows(device_rows), b)
+            other_embed = other_rows.embed
             received: dict[str, Tensor] = {}
             recorded: dict[str, Tensor] = {}
 
@@ -526,7 +574,7 @@ def _edge_attribution(
                 for name in input_names
             ]
             with torch.enable_grad(), hooks_added(model, hooks):
-                residual = model(base[device_rows].repeat(n_steps, 1), stop_at_layer=n_layers)
+                residual = final_residual(model, base[device_rows].repeat(n_steps, 1))
                 batch_metric = select_examples(metric, rows, n) if b < n else metric
                 values = _metric_of_batch(
                     model, residual, batch_metric, n_steps, "edge_attribution_patching"
@@ -544,9 +592,20 @@ def _edge_attribution(
             gradient = dict(zip([*input_names, LOGITS], grads, strict=True))
             with torch.no_grad():
                 scores[rows] = _edge_scores(
-                    model, graph, other_outputs.rows(device_rows), base_outputs, gradient, n_steps
+                    model, graph, other_rows, base_outputs, gradient, n_steps
                 ).cpu()
     return scores, base_values
+
+
+def _expanded(outputs: SenderOutputs, b: int) -> SenderOutputs:
+    """``outputs`` with ``b`` rows: a mean's one row repeated (as a view), others as they are."""
+    if outputs.n == b:
+        return outputs
+    return SenderOutputs(
+        outputs.embed.expand(b, *outputs.embed.shape[1:]),
+        tuple(z.expand(b, *z.shape[1:]) for z in outputs.z),
+        tuple(out.expand(b, *out.shape[1:]) for out in outputs.mlp_out),
+    )
 
 
 def _edge_scores(
@@ -580,7 +639,7 @@ def _edge_reference(
     model: HookedTransformer,
     graph: Graph,
     base: Tensor,
-    other: Tensor,
+    other: Tensor | SenderOutputs,
     metric: MetricLike,
     n_steps: int,
     edges: Sequence[tuple[int, int]] | None,
@@ -590,9 +649,11 @@ def _edge_reference(
     """Per edge and step, one plain forward in which the receiver's input is moved by ``eps *
     (out_u(other) - out_u(base))`` and the embeddings are interpolated, and the derivative of
     each example's metric by its ``eps`` at 0, averaged over the steps. ``edges`` are (row,
-    column) pairs of ``graph.valid`` (default: every edge)."""
+    column) pairs of ``graph.valid`` (default: every edge). ``other`` is the other input's tokens
+    or the other outputs themselves (ablated values: one row per example, or one for all)."""
     n = base.shape[0]
-    base_outputs, other_outputs = sender_outputs(model, base), sender_outputs(model, other)
+    base_outputs = sender_outputs(model, base)
+    other_outputs = other if isinstance(other, SenderOutputs) else sender_outputs(model, other)
     w_o = [model.blocks[layer].attn.W_O for layer in range(graph.n_layers)]
 
     @torch.no_grad()
@@ -625,7 +686,7 @@ def _edge_reference(
             total = torch.zeros(n)
             for k in range(1, n_steps + 1):
                 weight = 1 - k / n_steps
-                eps = torch.zeros(n, dtype=model.cfg.dtype, device=base.device, requires_grad=True)
+                eps = torch.zeros(n, dtype=model.cfg.dtype, device=delta.device, requires_grad=True)
 
                 def embed(x: Tensor, hook: Any, weight: float = weight) -> Tensor:
                     return base_outputs.embed + weight * (other_outputs.embed - base_outputs.embed)
