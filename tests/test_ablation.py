@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _device import DEVICE, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -117,10 +118,10 @@ def test_zero_ablation_equals_hand_written_hook(tiny_model):
         result = ck.ablate(tiny_model, ds, components, "zero", metric=metric, progress=False)
         expected = hooked_metric(tiny_model, ds.tokens, metric, hooks)
         assert result.axes == ("run",) and result.labels["run"] == ["unablated", "ablated"]
-        torch.testing.assert_close(result.examples[0], unablated, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
+        assert_close(result.examples[0], unablated, atol=1e-5, rtol=1e-5)
+        assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
         assert (expected - unablated).abs().max() > 1e-4, components  # the ablation does something
-        torch.testing.assert_close(result.values, result.examples.mean(-1))
+        assert_close(result.values, result.examples.mean(-1))
     assert_unchanged(tiny_model, before)
 
 
@@ -139,9 +140,9 @@ def test_zero_head_sweep_equals_hand_written_hooks(tiny_llama):
             expected = hooked_metric(
                 tiny_llama, ds.tokens, metric, [(f"blocks.{layer}.attn.hook_z", hook)]
             )
-            torch.testing.assert_close(result.examples[layer, head], expected, atol=1e-5, rtol=1e-5)
+            assert_close(result.examples[layer, head], expected, atol=1e-5, rtol=1e-5)
     unablated = hooked_metric(tiny_llama, ds.tokens, metric, [])
-    torch.testing.assert_close(result.info["unablated_examples"], unablated, atol=1e-5, rtol=1e-5)
+    assert_close(result.info["unablated_examples"], unablated, atol=1e-5, rtol=1e-5)
     assert (result.values - result.info["unablated"]).abs().max() > 1e-3
 
 
@@ -157,7 +158,7 @@ def test_keep_ablates_everything_else(tiny_gpt2):
     kwargs = dict(reference=abc, metric=metric, progress=False)
     with_keep = ck.ablate(tiny_gpt2, ds, "head", "mean", keep=kept, **kwargs)
     listed = ck.ablate(tiny_gpt2, ds, everything_else, "mean", **kwargs)
-    torch.testing.assert_close(with_keep.examples, listed.examples)
+    assert_close(with_keep.examples, listed.examples)
     assert len(with_keep.info["components"]) == len(everything_else)
     all_heads = ck.ablate(tiny_gpt2, ds, "head", "mean", **kwargs)
     assert (all_heads.examples[1] - with_keep.examples[1]).abs().max() > 1e-4
@@ -177,12 +178,10 @@ def test_mean_over_the_base_itself_changes_nothing(tiny_model, per_template):
     kinds = ["head", "attn", "resid_pre"] + ([] if tiny_model.cfg.attn_only else ["mlp"])
     kwargs = dict(metric=metric, per_template=per_template, progress=False)
     result = ck.ablate(tiny_model, repeated, kinds, "mean", reference=repeated, **kwargs)
-    torch.testing.assert_close(result.examples[1], result.examples[0], atol=1e-5, rtol=1e-5)
+    assert_close(result.examples[1], result.examples[0], atol=1e-5, rtol=1e-5)
     sweep = ck.ablation_sweep(tiny_model, repeated, "head", "mean", reference=repeated, **kwargs)
     unablated = sweep.info["unablated_examples"]
-    torch.testing.assert_close(
-        sweep.examples, unablated.expand_as(sweep.examples), atol=1e-5, rtol=1e-5
-    )
+    assert_close(sweep.examples, unablated.expand_as(sweep.examples), atol=1e-5, rtol=1e-5)
     # with another prompt as the reference the same ablation does change the metric
     other = abc[[3, 3, 3, 3]]
     changed = ck.ablate(tiny_model, repeated, kinds, "mean", reference=other, **kwargs)
@@ -214,7 +213,7 @@ def test_mean_per_position_equals_hand_computation(tiny_gpt2):
     result = ck.ablate(
         tiny_gpt2, ds, [ck.Head(1, 3), ck.MLP(2)], "mean", reference=abc, progress=False
     )
-    torch.testing.assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
+    assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
     assert (result.examples[1] - result.examples[0]).abs().max() > 1e-3
 
 
@@ -238,7 +237,7 @@ def test_mean_per_template_equals_hand_computation(tiny_model):
     expected = hooked_metric(tiny_model, ds.tokens, metric, [(f"blocks.{layer}.attn.hook_z", hook)])
     kwargs = dict(reference=reference, metric=metric, progress=False)
     result = ck.ablate(tiny_model, ds, ck.Head(layer, head), "mean", per_template=True, **kwargs)
-    torch.testing.assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
+    assert_close(result.examples[1], expected, atol=1e-5, rtol=1e-5)
     per_position = ck.ablate(tiny_model, ds, ck.Head(layer, head), "mean", **kwargs)
     assert (per_position.examples[1] - result.examples[1]).abs().max() > 1e-4
 
@@ -255,7 +254,7 @@ def test_resample_is_seeded_and_matches_hand_draws(tiny_gpt2):
     first = ck.ablate(tiny_gpt2, ds, components, "resample", seed=7, **kwargs)
     again = ck.ablate(tiny_gpt2, ds, components, "resample", seed=7, **kwargs)
     other = ck.ablate(tiny_gpt2, ds, components, "resample", seed=8, **kwargs)
-    torch.testing.assert_close(first.examples, again.examples, atol=0, rtol=0)
+    assert_close(first.examples, again.examples, atol=0, rtol=0)
     assert (first.examples[1] - other.examples[1]).abs().max() > 1e-4
 
     # by hand: draw i gives example k the reference example index[i][k], for every component
@@ -280,9 +279,7 @@ def test_resample_is_seeded_and_matches_hand_draws(tiny_gpt2):
 
         hooks = [("blocks.1.attn.hook_z", head_hook), ("blocks.1.hook_mlp_out", mlp_hook)]
         per_draw.append(hooked_metric(tiny_gpt2, ds.tokens, metric, hooks))
-    torch.testing.assert_close(
-        first.examples[1], torch.stack(per_draw).mean(0), atol=1e-5, rtol=1e-5
-    )
+    assert_close(first.examples[1], torch.stack(per_draw).mean(0), atol=1e-5, rtol=1e-5)
 
 
 def test_resample_per_template_draws_within_the_template(tiny_llama):
@@ -293,7 +290,7 @@ def test_resample_per_template_draws_within_the_template(tiny_llama):
     resampled = ck.ablate(tiny_llama, ds, components, "resample", n_samples=2, seed=3, **kwargs)
     mean = ck.ablate(tiny_llama, ds, components, "mean", **kwargs)
     # a template's only reference example is both its mean and every draw
-    torch.testing.assert_close(resampled.examples, mean.examples, atol=1e-5, rtol=1e-5)
+    assert_close(resampled.examples, mean.examples, atol=1e-5, rtol=1e-5)
     assert (mean.examples[1] - mean.examples[0]).abs().max() > 1e-3
 
 
@@ -311,7 +308,8 @@ def random_inputs(model, seed: int, n: int = 4, n_ref: int = 5, n_pos: int = 7):
 
     def fn(logits_at):
         lead = logits_at.shape[:-2]
-        pick = lambda t: logits_at.gather(-1, t.expand(*lead, n)[..., None])[..., 0]  # noqa: E731
+        index = lambda t: t.to(logits_at.device).expand(*lead, n)[..., None]  # noqa: E731
+        pick = lambda t: logits_at.gather(-1, index(t))[..., 0]  # noqa: E731
         return pick(a) - pick(b)
 
     return base, reference, Metric("diff", read, fn), g
@@ -323,7 +321,8 @@ def random_inputs(model, seed: int, n: int = 4, n_ref: int = 5, n_pos: int = 7):
 )
 @given(seed=st.integers(0, 2**16), method=st.sampled_from(["zero", "mean", "resample"]))
 def test_fast_path_equals_reference_engine(kind, seed, method):
-    model = ck.tiny_model(kind, tokenizer=False)  # a small vocabulary keeps the reference fast
+    # a small vocabulary keeps the reference fast
+    model = ck.tiny_model(kind, tokenizer=False).to(DEVICE)
     base, reference, metric, g = random_inputs(model, seed)
     cfg = model.cfg
     pick = lambda k: int(torch.randint(0, k, (1,), generator=g))  # noqa: E731
@@ -337,17 +336,17 @@ def test_fast_path_equals_reference_engine(kind, seed, method):
     kwargs = dict(reference=reference, metric=metric, n_samples=2, seed=seed, progress=False)
     fast = ck.ablate(model, base, components, method, **kwargs)
     slow = ck.ablate(model, base, components, method, reference_engine=True, **kwargs)
-    torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+    assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
     assert (fast.examples[1] - fast.examples[0]).abs().max() > 1e-4
     for component in ("head", "attn" if cfg.attn_only else "mlp"):
         fast = ck.ablation_sweep(model, base, component, method, **kwargs)
         slow = ck.ablation_sweep(model, base, component, method, reference_engine=True, **kwargs)
-        torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+        assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
         assert fast.values.std() > 1e-4
 
 
 def test_neuron_sweep_is_split_and_equals_reference(monkeypatch):
-    model = ck.tiny_model("gpt2", d_model=32, tokenizer=False)
+    model = ck.tiny_model("gpt2", d_model=32, tokenizer=False).to(DEVICE)
     d_mlp = model.cfg.d_mlp
     base, reference, metric, _ = random_inputs(model, 1)
     # a small mask budget splits the layer's neurons over several engine calls
@@ -364,7 +363,7 @@ def test_neuron_sweep_is_split_and_equals_reference(monkeypatch):
     assert calls == [40, 40, 40, 9]  # the unablated run and 128 neurons, 40 runs a call
     slow = ck.ablation_sweep(model, base, "neuron", "mean", reference_engine=True, **kwargs)
     assert fast.axes == ("neuron",) and fast.values.shape == (d_mlp,)
-    torch.testing.assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
+    assert_close(fast.examples, slow.examples, atol=1e-5, rtol=1e-5)
     _, cache = model.run_with_cache(reference)
     mean_post = cache["blocks.1.mlp.hook_post"].mean(0)
     for neuron in (0, 77, d_mlp - 1):
@@ -375,7 +374,7 @@ def test_neuron_sweep_is_split_and_equals_reference(monkeypatch):
             return act
 
         expected = hooked_metric(model, base, metric, [("blocks.1.mlp.hook_post", hook)])
-        torch.testing.assert_close(fast.examples[neuron], expected, atol=1e-5, rtol=1e-5)
+        assert_close(fast.examples[neuron], expected, atol=1e-5, rtol=1e-5)
     assert fast.values.std() > 1e-4
 
 
@@ -387,11 +386,11 @@ def test_sweep_axes_and_positions(tiny_gpt2):
     per_pos = ck.ablation_sweep(tiny_gpt2, ds, "mlp", "mean", positions=["S2", "end"], **kwargs)
     assert per_pos.axes == ("layer", "pos") and per_pos.labels["pos"] == ["S2", "end"]
     at_end = ck.ablate(tiny_gpt2, ds, ck.MLP(2).at("end"), "mean", **kwargs)
-    torch.testing.assert_close(per_pos.examples[2, 1], at_end.examples[1])
+    assert_close(per_pos.examples[2, 1], at_end.examples[1])
     listed = ck.ablation_sweep(tiny_gpt2, ds, [ck.Head(0, 1), ck.MLP(2)], "mean", **kwargs)
     assert listed.axes == ("component",)
     assert listed.labels["component"] == ["Head(0, 1)", "MLP(2)"]
-    torch.testing.assert_close(listed.examples[1], by_layer.examples[2])
+    assert_close(listed.examples[1], by_layer.examples[2])
     frame = by_layer.to_dataframe()
     assert list(frame.columns) == ["layer", "value", "sem"]
 
@@ -460,7 +459,7 @@ def test_method_enum_and_strings_agree(tiny_attn_only):
     kwargs = dict(reference=abc, metric=metric, progress=False)
     by_enum = ck.ablate(tiny_attn_only, ds, "head", ck.AblationMethod.MEAN, **kwargs)
     by_string = ck.ablate(tiny_attn_only, ds, "head", "mean", **kwargs)
-    torch.testing.assert_close(by_enum.examples, by_string.examples)
+    assert_close(by_enum.examples, by_string.examples)
     assert by_enum.info["ablation"] == "mean"
 
 
@@ -492,14 +491,14 @@ def test_smollm_mean_ablation(smollm):
 
     hooks = [hook_for(9, 3, False), hook_for(14, 0, False), hook_for(20, 7, True)]
     expected = hooked_metric(smollm, ds.tokens, metric, hooks)
-    torch.testing.assert_close(result.examples[1], expected, atol=1e-4, rtol=1e-4)
+    assert_close(result.examples[1], expected, atol=1e-4, rtol=1e-4)
     assert (result.examples[1] - result.examples[0]).abs().max() > 1e-3
 
     listed = [ck.Head(layer, h) for layer in (5, 22) for h in (0, 8)]
     kwargs = dict(reference=abc, metric=metric, progress=False)
     fast = ck.ablation_sweep(smollm, ds, listed, "resample", **kwargs)
     slow = ck.ablation_sweep(smollm, ds, listed, "resample", reference_engine=True, **kwargs)
-    torch.testing.assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-4)
+    assert_close(fast.examples, slow.examples, atol=1e-4, rtol=1e-4)
     assert fast.values.std() > 1e-3
     assert_unchanged(smollm, before)
 
@@ -511,7 +510,7 @@ def test_sweep_over_some_layers(tiny_gpt2):
     full = ck.ablation_sweep(tiny_gpt2, ds, "head", **kwargs)
     last = ck.ablation_sweep(tiny_gpt2, ds, "head", layers=[2], **kwargs)
     assert last.labels["layer"] == ["2"]
-    torch.testing.assert_close(last.examples, full.examples[[2]], atol=1e-6, rtol=0)
+    assert_close(last.examples, full.examples[[2]], atol=1e-6, rtol=0)
     assert full.values.std() > 1e-4
     with pytest.raises(ck.ComponentError, match="out of range"):
         ck.ablation_sweep(tiny_gpt2, ds, "mlp", layers=[3], **kwargs)

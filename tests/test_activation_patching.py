@@ -241,10 +241,10 @@ def test_baseline_is_the_unpatched_base_run(tiny_gpt2, direction):
             tiny_gpt2, clean, corrupted, "head", metric=given, direction=direction, progress=False
         )
         base = corrupted if direction == "denoise" else clean
-        torch.testing.assert_close(result.baseline(), metric(tiny_gpt2(base)), atol=1e-5, rtol=0)
-        torch.testing.assert_close(
+        assert_close(result.baseline(), metric(tiny_gpt2(base)), atol=1e-5, rtol=0)
+        assert_close(
             result.effect().values,
-            result.values - metric(tiny_gpt2(base)).mean(),
+            result.values - float(metric(tiny_gpt2(base)).detach().mean()),
             atol=1e-5,
             rtol=0,
         )

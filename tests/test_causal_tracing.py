@@ -9,7 +9,7 @@ import warnings
 import plotly.graph_objects as go
 import pytest
 import torch
-from _device import DEVICE
+from _device import DEVICE, allclose, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,28 +34,16 @@ HOOK = {
     "attn": "blocks.{}.hook_attn_out",
 }
 EIFFEL = "The Eiffel Tower is located in the city of"
-
-
-# These tests read words of the smollm2 tokenizer (its BOS, how " Paris" and the subjects
-# split), so their tiny GPT-2-like model uses it.
-@pytest.fixture
-def tiny_gpt2():
-    return ck.tiny_model("gpt2", tokenizer="smollm2").to(DEVICE)
-
-
-@pytest.fixture
-def tiny_attn_only():
-    return ck.tiny_model("attn-only", tokenizer="smollm2").to(DEVICE)
-
-
-@pytest.fixture
-def tiny_llama():
-    return ck.tiny_model("llama", tokenizer="smollm2").to(DEVICE)
+# The tests that read words use the tiny models' own tokenizer (conftest's fixtures), where
+# " Paris", " Tokyo" and every word of the facts are one token each, "Eiffel Tower" two and
+# "Sydney Opera House" three, BOS is "<|bos|>", and "William" is one token with and without its
+# leading space (it begins a fact's prompt and is an IOI name).
+SYDNEY = "The Sydney Opera House is located in the country of"
 
 
 def bare_model(kind: str, seed: int = 0):
     """A tiny model without a tokenizer: 512 tokens, so probabilities are not all ~1e-5."""
-    return ck.tiny_model(kind, seed=seed, tokenizer=False)
+    return ck.tiny_model(kind, seed=seed, tokenizer=False).to(DEVICE)
 
 
 def snapshot(model):
@@ -106,13 +94,13 @@ def test_token_probability_equals_softmax(seed, kind, batch, n_pos):
 
     probs = ck.trace_token_probability(model, tokens, target)
     assert probs.shape == (batch, n_pos)
-    torch.testing.assert_close(probs, expected, atol=1e-7, rtol=1e-5)
+    assert_close(probs, expected, atol=1e-7, rtol=1e-5)
     last = ck.trace_token_probability(model, tokens, target, position="last")
-    torch.testing.assert_close(last, expected[:, -1], atol=1e-7, rtol=1e-5)
+    assert_close(last, expected[:, -1], atol=1e-7, rtol=1e-5)
     first = ck.trace_token_probability(model, tokens, target, position=0)
-    torch.testing.assert_close(first, expected[:, 0], atol=1e-7, rtol=1e-5)
+    assert_close(first, expected[:, 0], atol=1e-7, rtol=1e-5)
     one = ck.trace_token_probability(model, tokens[0], target)
-    torch.testing.assert_close(one, expected[0], atol=1e-7, rtol=1e-5)
+    assert_close(one, expected[0], atol=1e-7, rtol=1e-5)
     # the positions really differ, so reading the wrong one would fail
     if n_pos > 1:
         assert (expected[:, 1:] - expected[:, :1]).abs().max() > 1e-6
@@ -123,10 +111,10 @@ def test_token_probability_per_example_target_and_strings(tiny_gpt2):
     targets = torch.tensor([tiny_gpt2.to_single_token(" Paris"), 17])
     expected = tiny_gpt2(tokens).softmax(-1)
     probs = ck.trace_token_probability(tiny_gpt2, tokens, targets)
-    torch.testing.assert_close(probs[0], expected[0, :, targets[0]], atol=1e-9, rtol=1e-5)
-    torch.testing.assert_close(probs[1], expected[1, :, 17], atol=1e-9, rtol=1e-5)
+    assert_close(probs[0], expected[0, :, targets[0]], atol=1e-9, rtol=1e-5)
+    assert_close(probs[1], expected[1, :, 17], atol=1e-9, rtol=1e-5)
     text = ck.trace_token_probability(tiny_gpt2, "The capital of France is", " Paris")
-    torch.testing.assert_close(text, probs[0], atol=1e-9, rtol=1e-5)
+    assert_close(text, probs[0], atol=1e-9, rtol=1e-5)
 
 
 def test_token_probability_errors(tiny_gpt2):
@@ -191,11 +179,11 @@ def test_neuron_intervention_equals_hand_written_hook(seed, kind, scale, use_pos
     clean = model(tokens).softmax(-1)
     intervened = hand_written_neuron_run(model, tokens, layer, neuron, scale, positions)
     intervened = intervened.softmax(-1)
-    torch.testing.assert_close(out.clean_probs, clean, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(out.intervened_probs, intervened, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(out.difference, intervened - clean, atol=1e-7, rtol=1e-4)
+    assert_close(out.clean_probs, clean, atol=1e-7, rtol=1e-5)
+    assert_close(out.intervened_probs, intervened, atol=1e-7, rtol=1e-5)
+    assert_close(out.difference, intervened - clean, atol=1e-7, rtol=1e-4)
     kl = (clean * (clean.log() - intervened.log())).sum(-1)
-    torch.testing.assert_close(out.kl, kl, atol=1e-6, rtol=1e-3)
+    assert_close(out.kl, kl, atol=1e-6, rtol=1e-3)
     assert out.neuron == Neuron(layer, neuron, pos=positions)
     # the neuron matters, so the comparison can fail
     assert out.difference.abs().max() > 1e-6
@@ -203,7 +191,8 @@ def test_neuron_intervention_equals_hand_written_hook(seed, kind, scale, use_pos
 
 
 def test_neuron_intervention_agrees_with_engine_scale(tiny_llama):
-    tokens = tiny_llama.to_tokens(["The capital of France is", "The capital of Spain is"])
+    tokens = tiny_llama.to_tokens(["The capital of France is", "The capital of Japan is"])
+    assert tokens.shape == (2, 6)  # no padding: both read the last position
     target = tiny_llama.to_single_token(" Paris")
     metric = Metric(
         "p", torch.full((2,), tokens.shape[1] - 1), lambda la: la.softmax(-1)[..., target]
@@ -212,7 +201,7 @@ def test_neuron_intervention_agrees_with_engine_scale(tiny_llama):
     engine = run_interventions(
         tiny_llama, tokens, [[Intervention(Neuron(2, 37, pos=(3, 5)), Scale(4.0))]], metric
     )
-    torch.testing.assert_close(out.intervened_probs[:, target], engine[0], atol=1e-9, rtol=1e-4)
+    assert_close(out.intervened_probs[:, target], engine[0], atol=1e-9, rtol=1e-4)
     assert (out.intervened_probs[:, target] - out.clean_probs[:, target]).abs().max() > 0
 
 
@@ -229,7 +218,7 @@ def test_neuron_intervention_scales_a_neuron_not_a_position():
         return act
 
     wrong = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero_position)])
-    assert not torch.allclose(out.intervened_probs, wrong.softmax(-1)[:, -1], atol=1e-6)
+    assert not allclose(out.intervened_probs, wrong.softmax(-1)[:, -1], atol=1e-6)
 
 
 def test_neuron_intervention_read_positions(tiny_gpt2):
@@ -238,9 +227,9 @@ def test_neuron_intervention_read_positions(tiny_gpt2):
     assert full.clean_probs.shape == (1, tokens.shape[1], tiny_gpt2.cfg.d_vocab)
     assert full.kl.shape == (1, tokens.shape[1])
     at_two = ck.intervene_on_neuron(tiny_gpt2, tokens, 0, 5, 2.0, read=2)
-    torch.testing.assert_close(at_two.intervened_probs, full.intervened_probs[:, 2])
+    assert_close(at_two.intervened_probs, full.intervened_probs[:, 2])
     last = ck.intervene_on_neuron(tiny_gpt2, "The capital of France is", 0, 5, 2.0)
-    torch.testing.assert_close(last.intervened_probs, full.intervened_probs[:, -1])
+    assert_close(last.intervened_probs, full.intervened_probs[:, -1])
     changes = last.top_changes(3)
     assert len(changes) == 3
     assert abs(changes[0][1]) >= abs(changes[-1][1]) > 0
@@ -277,8 +266,8 @@ def noise_as_documented(model, n_pos, subject, samples, noise, seed):
     g = torch.Generator().manual_seed(seed)
     draws = torch.randn(samples, len(subject), model.cfg.d_model, generator=g)
     delta = torch.zeros(samples, n_pos, model.cfg.d_model)
-    delta[:, list(subject)] = draws * noise * model.W_E.detach().std()
-    return delta
+    delta[:, list(subject)] = draws * noise * float(model.W_E.detach().std())
+    return delta.to(model.cfg.device)
 
 
 @torch.no_grad()
@@ -318,7 +307,7 @@ def reference_trace(
             for s in range(samples):
                 hooks = [noisy(s), *(restore(name, p) for name in names)]
                 logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-                grid[i, j, s] = next_token_probs(logits)[0, target]
+                grid[i, j, s] = float(next_token_probs(logits)[0, target])
     return clean, corrupted, grid
 
 
@@ -344,8 +333,8 @@ def test_causal_trace_equals_reference(seed, kind):
         )
         assert trace.scores.axes == ("layer", "pos")
         assert trace.scores.examples.shape == grid.shape
-        torch.testing.assert_close(trace.scores.examples, grid, atol=1e-7, rtol=1e-4)
-        torch.testing.assert_close(trace.corrupted_by_sample, corrupted, atol=1e-7, rtol=1e-4)
+        assert_close(trace.scores.examples, grid, atol=1e-7, rtol=1e-4)
+        assert_close(trace.corrupted_by_sample, corrupted, atol=1e-7, rtol=1e-4)
         assert trace.clean_prob == pytest.approx(clean, rel=1e-4)
         assert trace.corrupted_prob == pytest.approx(float(corrupted.mean()), rel=1e-4)
         # restoring makes a difference somewhere, so the comparison can fail
@@ -378,15 +367,11 @@ def test_restoring_before_the_noise_gives_the_clean_run(kind):
         metric,
         progress=False,
     )
-    torch.testing.assert_close(restored[0], torch.full((samples,), trace.clean_prob))
+    assert_close(restored[0], torch.full((samples,), trace.clean_prob))
     # the last layer's output at the last position is all the prediction reads
-    torch.testing.assert_close(
-        trace.scores.examples[-1, -1], torch.full((samples,), trace.clean_prob)
-    )
+    assert_close(trace.scores.examples[-1, -1], torch.full((samples,), trace.clean_prob))
     # positions before the subject are the same in both runs: restoring them does nothing
-    torch.testing.assert_close(
-        trace.scores.examples[:, :2], trace.corrupted_by_sample.expand(3, 2, samples)
-    )
+    assert_close(trace.scores.examples[:, :2], trace.corrupted_by_sample.expand(3, 2, samples))
 
 
 def test_zero_noise_is_flat_at_the_clean_probability(tiny_llama):
@@ -394,7 +379,7 @@ def test_zero_noise_is_flat_at_the_clean_probability(tiny_llama):
         tiny_llama, EIFFEL, "Eiffel Tower", " Paris", "mlp", noise=0.0, samples=2, progress=False
     )
     expected = torch.full_like(trace.scores.values, trace.clean_prob)
-    torch.testing.assert_close(trace.scores.values, expected, atol=1e-9, rtol=1e-5)
+    assert_close(trace.scores.values, expected, atol=1e-9, rtol=1e-5)
     assert trace.corrupted_prob == pytest.approx(trace.clean_prob, rel=1e-5)
     assert trace.noise_std == 0.0
 
@@ -408,7 +393,7 @@ def test_subject_positions_and_labels(tiny_gpt2):
     assert trace.subject_positions == positions
     starred = [label for label in trace.scores.labels["pos"] if label.endswith("*")]
     assert len(starred) == len(positions)
-    assert trace.scores.labels["pos"][0] == "0:<|im_start|>"
+    assert trace.scores.labels["pos"][0] == "0:<|bos|>"
     assert trace.target == " Paris"
     assert trace.target_token == tiny_gpt2.to_single_token(" Paris")
     # a subject inside a word still covers the whole token
@@ -463,26 +448,29 @@ def test_seed_layers_and_positions(tiny_gpt2):
     other = ck.causal_trace(*args, samples=2, seed=2, progress=False)
     assert torch.equal(full.scores.values, again.scores.values)
     assert not torch.allclose(full.scores.values, other.scores.values)
+    last = tiny_gpt2.to_tokens(EIFFEL).shape[1] - 1
     part = ck.causal_trace(*args, samples=2, seed=1, layers=[2, 0], positions=[-1, 3])
-    assert part.layers == [2, 0] and part.positions == (10, 3)
-    expected = full.scores.examples[[2, 0]][:, [10, 3]]
-    torch.testing.assert_close(part.scores.examples, expected, atol=1e-9, rtol=1e-5)
+    assert part.layers == [2, 0] and part.positions == (last, 3)
+    expected = full.scores.examples[[2, 0]][:, [last, 3]]
+    assert_close(part.scores.examples, expected, atol=1e-9, rtol=1e-5)
 
 
 def test_average_indirect_effect_groups(tiny_gpt2):
-    trace = ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", " Paris", samples=2, progress=False)
-    subject = trace.subject_positions  # three tokens, then six more
+    sydney = (tiny_gpt2, SYDNEY, "Sydney Opera House", " Australia")
+    trace = ck.causal_trace(*sydney, samples=2, progress=False)
+    subject = trace.subject_positions
+    assert subject == (2, 3, 4) and trace.scores.values.shape[1] == 11  # then six more
     effect = trace.scores.values - trace.corrupted_prob
     result = ck.average_indirect_effect([trace, trace])
     assert result.axes == ("token", "layer")
     assert result.labels["token"] == list(ck.causal_tracing.TOKEN_GROUPS)
     rows = dict(zip(result.labels["token"], result.values, strict=True))
-    torch.testing.assert_close(rows["first subject token"], effect[:, subject[0]])
-    torch.testing.assert_close(rows["middle subject tokens"], effect[:, subject[1:-1]].mean(1))
-    torch.testing.assert_close(rows["last subject token"], effect[:, subject[-1]])
-    torch.testing.assert_close(rows["first subsequent token"], effect[:, subject[-1] + 1])
-    torch.testing.assert_close(rows["further tokens"], effect[:, subject[-1] + 2 : -1].mean(1))
-    torch.testing.assert_close(rows["last token"], effect[:, -1])
+    assert_close(rows["first subject token"], effect[:, subject[0]])
+    assert_close(rows["middle subject tokens"], effect[:, subject[1:-1]].mean(1))
+    assert_close(rows["last subject token"], effect[:, subject[-1]])
+    assert_close(rows["first subsequent token"], effect[:, subject[-1] + 1])
+    assert_close(rows["further tokens"], effect[:, subject[-1] + 2 : -1].mean(1))
+    assert_close(rows["last token"], effect[:, -1])
     assert result.info["n_prompts"]["last token"] == 2
     short = ck.causal_trace(
         tiny_gpt2, "The capital of France is", "France", " Paris", samples=1, progress=False
@@ -494,10 +482,10 @@ def test_average_indirect_effect_groups(tiny_gpt2):
     assert mixed.info["n_prompts"]["first subsequent token"] == 1  # " is" is the last token
     # traces of some positions count in the groups they cover
     ends = [subject[-1], -1]
-    part = ck.causal_trace(*trace_args(tiny_gpt2), samples=2, positions=ends, progress=False)
+    part = ck.causal_trace(*sydney, samples=2, positions=ends, progress=False)
     partial = ck.average_indirect_effect([part])
     assert partial.labels["token"] == ["last subject token", "last token"]
-    torch.testing.assert_close(partial.values, result.values[[2, 5]], atol=1e-9, rtol=1e-5)
+    assert_close(partial.values, result.values[[2, 5]], atol=1e-9, rtol=1e-5)
     bare = bare_model("llama")
     tokens = torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(1))
     bare_trace = ck.causal_trace(bare, tokens, [1, 2], 7, samples=1, progress=False)
@@ -621,7 +609,7 @@ def test_causal_effects_equal_reference(seed, kind, window, per_position):
                 model, base, source, target, trace_kind, window, per_position, effect
             )
             assert result.axes == (("layer", "pos") if per_position else ("layer",))
-            torch.testing.assert_close(result.examples, expected, atol=1e-6, rtol=1e-4)
+            assert_close(result.examples, expected, atol=1e-6, rtol=1e-4)
             # the base run's residual stream at every position is the base run: exactly 0
             if effect != "direct" or trace_kind != "resid" or per_position:
                 assert result.examples.abs().max() > 1e-5
@@ -645,41 +633,29 @@ def test_causal_effect_identities(kind):
     )
     total = p_source - p_base
     assert total.abs().max() > 1e-5
-    torch.testing.assert_close(everywhere.total_by_example, total, atol=1e-7, rtol=1e-5)
+    assert_close(everywhere.total_by_example, total, atol=1e-7, rtol=1e-5)
     assert everywhere.total == pytest.approx(float(total.mean()), rel=1e-5, abs=1e-9)
     assert everywhere.base_value == pytest.approx(float(p_base.mean()), rel=1e-5)
     # layer 0's output at every position carries everything the input changes
-    torch.testing.assert_close(
-        everywhere.indirect["resid"].examples[0], total, atol=1e-7, rtol=1e-4
-    )
-    torch.testing.assert_close(
-        everywhere.direct["resid"].examples[0], torch.zeros(3), atol=1e-7, rtol=0
-    )
+    assert_close(everywhere.indirect["resid"].examples[0], total, atol=1e-7, rtol=1e-4)
+    assert_close(everywhere.direct["resid"].examples[0], torch.zeros(3), atol=1e-7, rtol=0)
     # the last layer's output at the last position is all the prediction reads
-    torch.testing.assert_close(
-        by_position.indirect["resid"].examples[-1, -1], total, atol=1e-7, rtol=1e-4
-    )
-    torch.testing.assert_close(
-        by_position.direct["resid"].examples[-1, -1], torch.zeros(3), atol=1e-7, rtol=0
-    )
+    assert_close(by_position.indirect["resid"].examples[-1, -1], total, atol=1e-7, rtol=1e-4)
+    assert_close(by_position.direct["resid"].examples[-1, -1], torch.zeros(3), atol=1e-7, rtol=0)
     # a window covering every layer keeps every source activation: nothing is noised
     for trace_kind in kinds[1:]:
-        torch.testing.assert_close(
-            whole_model.window_only[trace_kind].examples[0], total, atol=1e-7, rtol=1e-4
-        )
+        assert_close(whole_model.window_only[trace_kind].examples[0], total, atol=1e-7, rtol=1e-4)
         every_layer = whole_model.indirect[trace_kind].values
-        torch.testing.assert_close(every_layer, every_layer[:1].expand(model.cfg.n_layers))
+        assert_close(every_layer, every_layer[:1].expand(model.cfg.n_layers))
     # a subset of layers is the same rows of the full sweep
     part = ck.causal_effects(model, base, source, target, layers=[2, 0], **args)
     for name in ("indirect", "direct", "window_only"):
         for trace_kind, result in getattr(part, name).items():
             full = getattr(by_position, name)[trace_kind]
             assert result.labels["layer"] == ["2", "0"]
-            torch.testing.assert_close(result.examples, full.examples[[2, 0]])
+            assert_close(result.examples, full.examples[[2, 0]])
     # position 0 is the same in both inputs: restoring it does nothing
-    torch.testing.assert_close(
-        by_position.indirect["resid"].examples[:, 0], torch.zeros(model.cfg.n_layers, 3)
-    )
+    assert_close(by_position.indirect["resid"].examples[:, 0], torch.zeros(model.cfg.n_layers, 3))
 
 
 def test_causal_effects_logit_diff_and_strings(tiny_llama):
@@ -721,8 +697,12 @@ def test_causal_effects_logit_diff_and_strings(tiny_llama):
 def test_causal_effects_errors(tiny_gpt2, tiny_attn_only):
     before = snapshot(tiny_gpt2)
     base, source = "The capital of France is", "The capital of Japan is"
-    with pytest.raises(ShapeError, match=r"base has shape \(1, 6\) but source has \(1, 8\)"):
-        ck.causal_effects(tiny_gpt2, base, "The capital of the United States is", " Tokyo")
+    longer = "The capital of the United States is"
+    n_longer = tiny_gpt2.to_tokens(longer).shape[1]
+    with pytest.raises(
+        ShapeError, match=rf"base has shape \(1, 6\) but source has \(1, {n_longer}\)"
+    ):
+        ck.causal_effects(tiny_gpt2, base, longer, " Tokyo")
     with pytest.raises(TokenizationError, match=r"target ' Tokyo Japan' is 2 tokens"):
         ck.causal_effects(tiny_gpt2, base, source, " Tokyo Japan")
     with pytest.raises(CircuitkitError, match="needs foil="):
@@ -771,35 +751,38 @@ def test_target_without_its_leading_space_warns(tiny_gpt2):
     }
     for where, (name, call) in calls.items():
         with pytest.warns(TokenizationWarning) as caught:
-            call("Paris")
+            call("William")
         assert len(caught) == 1
         message = str(caught[0].message)
-        assert message.startswith(f"{where}: {name} 'Paris' has no leading space")
-        assert "Pass ' Paris'" in message
+        assert message.startswith(f"{where}: {name} 'William' has no leading space")
+        assert "Pass ' William'" in message
         assert caught[0].filename == __file__  # it points at the call, not into circuitkit
-        no_warnings(lambda call=call: call(" Paris"))
-        no_warnings(lambda call=call: call(tiny_gpt2.to_single_token("Paris")))
+        no_warnings(lambda call=call: call(" William"))
+        no_warnings(lambda call=call: call(tiny_gpt2.to_single_token("William")))
     # the foil is a target too
-    with pytest.warns(TokenizationWarning, match="causal_effects: foil 'Paris'"):
+    with pytest.warns(TokenizationWarning, match="causal_effects: foil 'William'"):
         ck.causal_effects(
             tiny_gpt2,
             EIFFEL,
             EIFFEL,
             " Rome",
-            foil="Paris",
+            foil="William",
             measure="logit_diff",
             kinds=("resid",),
             **effect_args,
         )
     # after a trailing space the unspaced word is what follows; punctuation takes no space
-    no_warnings(lambda: ck.trace_token_probability(tiny_gpt2, "The city of ", "Paris"))
+    after_space = "The play was written by "
+    no_warnings(lambda: ck.trace_token_probability(tiny_gpt2, after_space, "William"))
     no_warnings(lambda: ck.trace_token_probability(tiny_gpt2, EIFFEL, "."))
 
 
 def test_target_of_several_tokens_suggests_the_spaced_word(tiny_gpt2):
-    assert len(tiny_gpt2.to_tokens("Tokyo", prepend_bos=False)[0]) == 2
+    n_tokens = len(tiny_gpt2.to_tokens("Tokyo", prepend_bos=False)[0])
+    assert n_tokens > 1 and len(tiny_gpt2.to_tokens(" Tokyo", prepend_bos=False)[0]) == 1
     with pytest.raises(
-        TokenizationError, match=r"target 'Tokyo' is 2 tokens.*' Tokyo', with a leading space"
+        TokenizationError,
+        match=rf"target 'Tokyo' is {n_tokens} tokens.*' Tokyo', with a leading space",
     ):
         ck.causal_trace(tiny_gpt2, EIFFEL, "Eiffel Tower", "Tokyo")
     with pytest.raises(TokenizationError, match=r"target is an empty string"):
@@ -874,8 +857,8 @@ def test_causal_trace_on_smollm(smollm):
     clean, corrupted, grid = reference_trace(
         smollm, tokens, subject, trace.target_token, "mlp", 10, **args, **cells
     )
-    torch.testing.assert_close(trace.scores.examples, grid, atol=1e-5, rtol=1e-3)
-    torch.testing.assert_close(trace.corrupted_by_sample, corrupted, atol=1e-5, rtol=1e-3)
+    assert_close(trace.scores.examples, grid, atol=1e-5, rtol=1e-3)
+    assert_close(trace.corrupted_by_sample, corrupted, atol=1e-5, rtol=1e-3)
     assert trace.clean_prob == pytest.approx(clean, rel=1e-4)
     assert trace.clean_prob == pytest.approx(
         float(ck.trace_token_probability(smollm, tokens[0], " Paris", position="last")), rel=1e-4
@@ -902,19 +885,15 @@ def test_causal_effects_and_neurons_on_smollm(smollm):
     p_source = float(ck.trace_token_probability(smollm, source, " Tokyo", position="last"))
     assert effects.total == pytest.approx(p_source - p_base, rel=1e-3)
     assert effects.total > 0.3
-    torch.testing.assert_close(
+    assert_close(
         effects.indirect["resid"].values[0], torch.tensor(effects.total), atol=1e-4, rtol=1e-3
     )
-    torch.testing.assert_close(
-        effects.direct["resid"].values[-1], torch.tensor(0.0), atol=1e-5, rtol=0
-    )
+    assert_close(effects.direct["resid"].values[-1], torch.tensor(0.0), atol=1e-5, rtol=0)
 
     tokens = smollm.to_tokens(base)
     out = ck.intervene_on_neuron(smollm, tokens, 20, 1000, 0.0, positions=[-1])
     intervened = hand_written_neuron_run(smollm, tokens, 20, 1000, 0.0, [-1])
-    torch.testing.assert_close(
-        out.intervened_probs, intervened.softmax(-1)[:, -1], atol=1e-6, rtol=1e-4
-    )
+    assert_close(out.intervened_probs, intervened.softmax(-1)[:, -1], atol=1e-6, rtol=1e-4)
     assert out.kl.item() > 0
 
 

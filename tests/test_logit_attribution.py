@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import assert_close
 
 import circuitkit as ck
 from circuitkit.core.errors import CircuitkitError, ComponentError, ShapeError
@@ -38,8 +39,8 @@ def test_components_and_bias_sum_to_the_logit_difference(tiny_model, by):
     actual = ck.metrics.logit_diff(ds)(logits)
     assert result.axes == ("component",)
     total = result.examples.sum(0) + result.info["bias"]
-    torch.testing.assert_close(total, actual, atol=1e-4, rtol=0)
-    torch.testing.assert_close(result.info["total"], actual, atol=1e-4, rtol=0)
+    assert_close(total, actual, atol=1e-4, rtol=0)
+    assert_close(result.info["total"], actual, atol=1e-4, rtol=0)
     assert result.examples.abs().max() > 1e-2  # the components do not all vanish
     cfg = tiny_model.cfg
     n_rows = 1 + (cfg.positional_embedding_type == "standard")
@@ -66,7 +67,7 @@ def test_head_attributions_equal_a_plain_projection(tiny_model):
                     write = z @ tiny_model.blocks[layer].attn.W_O[h]
                     normed = plain_final_norm(tiny_model, write[None], scale[i, p][None])[0]
                     expected = normed @ direction
-                    assert abs(float(result.examples[layer, h, i] - expected)) < 1e-5
+                    assert abs(float(result.examples[layer, h, i]) - float(expected)) < 1e-5
 
 
 def test_head_attributions_equal_transformer_lens_stack(tiny_gpt2):
@@ -79,7 +80,7 @@ def test_head_attributions_equal_transformer_lens_stack(tiny_gpt2):
         at_end = stack[:, rows, ds.positions["end"]] * tiny_gpt2.ln_final.w
         directions = (tiny_gpt2.W_U[:, ds.io_tokens] - tiny_gpt2.W_U[:, ds.s_tokens]).T
         expected = (at_end * directions).sum(-1)
-    torch.testing.assert_close(result.examples.flatten(0, 1), expected, atol=1e-5, rtol=0)
+    assert_close(result.examples.flatten(0, 1), expected, atol=1e-5, rtol=0)
 
 
 def test_heads_and_neurons_add_up_to_their_layer(tiny_model):
@@ -91,12 +92,10 @@ def test_heads_and_neurons_add_up_to_their_layer(tiny_model):
     component_rows = dict(zip(by_component.labels["component"], by_component.examples, strict=True))
     for layer in range(tiny_model.cfg.n_layers):
         attn_bias = component_rows[f"attn bias {layer}"]
-        torch.testing.assert_close(
+        assert_close(
             heads.examples[layer].sum(0) + attn_bias, layer_rows[f"attn {layer}"], atol=1e-5, rtol=0
         )
-        torch.testing.assert_close(
-            heads.examples[layer, 1], component_rows[f"head {layer}.1"], atol=1e-6, rtol=0
-        )
+        assert_close(heads.examples[layer, 1], component_rows[f"head {layer}.1"], atol=1e-6, rtol=0)
     if tiny_model.cfg.attn_only:
         with pytest.raises(ComponentError, match="attention-only"):
             ck.direct_logit_attribution(tiny_model, cache, ds, by="neuron")
@@ -111,15 +110,13 @@ def test_heads_and_neurons_add_up_to_their_layer(tiny_model):
         for index, layer in enumerate([2, 0]):
             mlp = tiny_model.blocks[layer].mlp
             b_out = plain_final_norm(tiny_model, mlp.b_out.expand(ds.n, -1), scale)
-            total = neurons.examples[index].sum(0) + (b_out * directions).sum(-1)
-            torch.testing.assert_close(total, layer_rows[f"mlp {layer}"], atol=1e-4, rtol=0)
+            total = neurons.examples[index].sum(0) + (b_out * directions).sum(-1).cpu()
+            assert_close(total, layer_rows[f"mlp {layer}"], atol=1e-4, rtol=0)
             post = cache[f"blocks.{layer}.mlp.hook_post"][rows, end]  # [n, d_mlp]
             for neuron in (0, 17):
                 write = post[:, neuron, None] * mlp.W_out[neuron]
                 expected = (plain_final_norm(tiny_model, write, scale) * directions).sum(-1)
-                torch.testing.assert_close(
-                    neurons.examples[index, neuron], expected, atol=1e-5, rtol=0
-                )
+                assert_close(neurons.examples[index, neuron], expected, atol=1e-5, rtol=0)
     assert neurons.values.abs().max() > 1e-3
 
 
@@ -130,24 +127,21 @@ def test_other_directions_answers_and_positions(tiny_llama):
     result = ck.direct_logit_attribution(tiny_llama, cache, ds, direction=direction, position=4)
     with torch.no_grad():
         normed = tiny_llama.ln_final(cache["blocks.2.hook_resid_post"])[:, 4]
-    torch.testing.assert_close(
-        result.examples.sum(0) + result.info["bias"], normed @ direction, atol=1e-4, rtol=0
-    )
+    expected = normed @ direction.to(normed.device)
+    assert_close(result.examples.sum(0) + result.info["bias"], expected, atol=1e-4, rtol=0)
     assert result.metric == "direction"
 
     tokens = torch.randint(0, tiny_llama.cfg.d_vocab, (ds.n,), generator=g)
     read = torch.randint(0, ds.tokens.shape[1], (ds.n,), generator=g)
     one_token = ck.direct_logit_attribution(tiny_llama, cache, ds, answers=tokens, position=read)
     expected = logits[torch.arange(ds.n), read, tokens]
-    torch.testing.assert_close(one_token.info["total"], expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(
-        one_token.examples.sum(0) + one_token.info["bias"], expected, atol=1e-4, rtol=0
-    )
+    assert_close(one_token.info["total"], expected, atol=1e-4, rtol=0)
+    assert_close(one_token.examples.sum(0) + one_token.info["bias"], expected, atol=1e-4, rtol=0)
     pair = ck.direct_logit_attribution(
         tiny_llama, cache, None, answers=(ds.s_tokens, ds.io_tokens), position=ds.positions["end"]
     )
     default = ck.direct_logit_attribution(tiny_llama, cache, ds)
-    torch.testing.assert_close(pair.examples, -default.examples)
+    assert_close(pair.examples, -default.examples)
 
 
 def test_logit_lens_equals_transformer_lens_accumulated_resid(tiny_model):
@@ -161,13 +155,12 @@ def test_logit_lens_equals_transformer_lens_accumulated_resid(tiny_model):
         rows = torch.arange(ds.n)
         at_end = accumulated[:, rows, ds.positions["end"]]
         unembedded = at_end @ tiny_model.W_U + tiny_model.b_U
-        index = torch.stack([ds.io_tokens, ds.s_tokens], -1).expand(cfg.n_layers + 1, -1, -1)
+        index = torch.stack([ds.io_tokens, ds.s_tokens], -1).to(unembedded.device)
+        index = index.expand(cfg.n_layers + 1, -1, -1)
         picked = unembedded.gather(-1, index)
         expected = picked[..., 0] - picked[..., 1]
-    torch.testing.assert_close(lens.examples, expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(
-        lens.examples[-1], ck.metrics.logit_diff(ds)(logits), atol=1e-4, rtol=0
-    )
+    assert_close(lens.examples, expected, atol=1e-4, rtol=0)
+    assert_close(lens.examples[-1], ck.metrics.logit_diff(ds)(logits), atol=1e-4, rtol=0)
     assert lens.values.std() > 1e-3
 
 
@@ -180,13 +173,13 @@ def test_filtered_cache(tiny_gpt2):
         (ck.direct_logit_attribution, dict(by="head")),
         (ck.logit_lens, {}),
     ]:
-        torch.testing.assert_close(
+        assert_close(
             fn(tiny_gpt2, small, ds, **kwargs).examples, fn(tiny_gpt2, full, ds, **kwargs).examples
         )
     with pytest.raises(CircuitkitError, match=r"the cache has no 'hook_embed'"):
         ck.direct_logit_attribution(tiny_gpt2, small, ds, by="layer")
     as_dict = dict(full.cache_dict)
-    torch.testing.assert_close(
+    assert_close(
         ck.direct_logit_attribution(tiny_gpt2, as_dict, ds, by="component").examples,
         ck.direct_logit_attribution(tiny_gpt2, full, ds, by="component").examples,
     )
@@ -225,9 +218,7 @@ def test_smollm(smollm):
     ds, logits, cache = run(smollm, n=4)
     actual = ck.metrics.logit_diff(ds)(logits)
     component = ck.direct_logit_attribution(smollm, cache, ds, by="component")
-    torch.testing.assert_close(
-        component.examples.sum(0) + component.info["bias"], actual, atol=1e-4, rtol=0
-    )
+    assert_close(component.examples.sum(0) + component.info["bias"], actual, atol=1e-4, rtol=0)
     heads = ck.direct_logit_attribution(smollm, cache, ds, by="head")
     assert heads.values.shape == (30, 9)
     end, scale = ds.positions["end"], cache["ln_final.hook_scale"]
@@ -239,9 +230,9 @@ def test_smollm(smollm):
                 write = z @ smollm.blocks[layer].attn.W_O[h]
                 normed = plain_final_norm(smollm, write[None], scale[i, p][None])[0]
                 direction = smollm.W_U[:, ds.io_tokens[i]] - smollm.W_U[:, ds.s_tokens[i]]
-                assert abs(float(heads.examples[layer, h, i] - normed @ direction)) < 1e-4
+                assert abs(float(heads.examples[layer, h, i]) - float(normed @ direction)) < 1e-4
     lens = ck.logit_lens(smollm, cache, ds)
-    torch.testing.assert_close(lens.examples[-1], actual, atol=1e-4, rtol=0)
+    assert_close(lens.examples[-1], actual, atol=1e-4, rtol=0)
     assert no_hooks(smollm)
 
 
@@ -252,9 +243,9 @@ def test_ioi_command_sections(tiny_llama):
     end = ds.positions["end"]
     # two batches
     logits_at, merged = ioi_report._clean_run(tiny_llama, ds.tokens, end, batch_size=4)
-    torch.testing.assert_close(logits_at, logits[torch.arange(ds.n), end], atol=1e-5, rtol=0)
+    assert_close(logits_at, logits[torch.arange(ds.n), end], atol=1e-5, rtol=0)
     heads = ck.direct_logit_attribution(tiny_llama, merged, ds, by="head")
-    torch.testing.assert_close(
+    assert_close(
         heads.examples, ck.direct_logit_attribution(tiny_llama, full, ds, by="head").examples
     )
     text = ioi_summary.section_direct_heads(heads, 3)

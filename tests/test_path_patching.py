@@ -389,8 +389,8 @@ def test_baseline_is_the_unpatched_base_run_and_top_ranks_changes(tiny_gpt2, dir
     )
     base = clean.tokens if direction == "noise" else corrupted.tokens
     with torch.no_grad():
-        expected = metric(tiny_gpt2(base))
-    torch.testing.assert_close(result.baseline(), expected, atol=1e-5, rtol=0)
+        expected = metric(tiny_gpt2(base)).cpu()
+    assert_close(result.baseline(), expected, atol=1e-5, rtol=0)
     change = result.examples - expected
     ((cell, effect),) = result.top(1)
     best = change.mean(-1).abs().flatten().argmax()
