@@ -40,7 +40,7 @@ def test_default_backend_follows_the_installed_line():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ck.ModelLoadError, match="backend must be one of"):
         ck.load_model("smollm2-135m", backend="hf")
 
 

@@ -606,7 +606,7 @@ def test_reachability_probe_reports_a_closed_port(monkeypatch):
 
 
 def test_bad_dtype_is_rejected():
-    with pytest.raises(ValueError, match="load_model: dtype must be a floating-point"):
+    with pytest.raises(ck.ModelLoadError, match="load_model: dtype must be a floating-point"):
         models.load_model(dtype="float32")
 
 

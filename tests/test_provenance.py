@@ -318,9 +318,9 @@ def test_record(tiny_llama):
 
 
 def test_record_errors():
-    with pytest.raises(ValueError, match="record: method must be a non-empty string"):
+    with pytest.raises(ck.CircuitkitError, match="record: method must be a non-empty string"):
         provenance.record(None, method="")
-    with pytest.raises(ValueError, match="args must be a dict of argument names"):
+    with pytest.raises(ck.CircuitkitError, match="args must be a dict of argument names"):
         provenance.record(None, method="x", args=[1, 2])
 
 

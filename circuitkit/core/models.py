@@ -206,7 +206,7 @@ def load_model(
             f"got {type(name).__name__}"
         )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
+        raise ModelLoadError(
             f"load_model: dtype must be a floating-point torch.dtype such as torch.float32 "
             f"or torch.bfloat16, got {dtype!r}"
         )
@@ -242,7 +242,7 @@ def _check_backend(backend: object) -> str:
     if backend is None:
         return default_backend()
     if backend not in BACKENDS:
-        raise ValueError(
+        raise ModelLoadError(
             f"load_model: backend must be one of {BACKENDS} or None (the installed "
             f"TransformerLens line's default, {default_backend()!r}), got {backend!r}"
         )

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuitkit.core.errors import CircuitkitError
 from circuitkit.core.metrics import Metric
 from circuitkit.core.version import __version__
 
@@ -97,9 +98,11 @@ def record(
         prov["model"]["fingerprint"]      # 'sha256:4c1f...'
     """
     if not isinstance(method, str) or not method:
-        raise ValueError(f"provenance.record: method must be a non-empty string, got {method!r}")
+        raise CircuitkitError(
+            f"provenance.record: method must be a non-empty string, got {method!r}"
+        )
     if args is not None and not isinstance(args, Mapping):
-        raise ValueError(
+        raise CircuitkitError(
             f"provenance.record: args must be a dict of argument names to values, got "
             f"{type(args).__name__}"
         )
