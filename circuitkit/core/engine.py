@@ -291,22 +291,9 @@ def record_activations(
             compiled = _compile(model, tokens, runs_list, positions, where)
             if reference:
                 acts = _record_reference(model, tokens, compiled, layers, progress, desc)
-                acts = _base_after_last(model, tokens, acts, layers, last)
-            elif is_bridge(model):
-                acts = _record_bridge(
-                    model,
-                    tokens,
-                    compiled,
-                    layers,
-                    shapes,
-                    memory_budget,
-                    max_runs_per_chunk,
-                    progress,
-                    desc,
-                )
-                acts = _base_after_last(model, tokens, acts, layers, last)
             else:
-                acts = _record_fast(
+                record_runs = _record_bridge if is_bridge(model) else _record_fast
+                acts = record_runs(
                     model,
                     tokens,
                     compiled,
@@ -317,7 +304,7 @@ def record_activations(
                     progress,
                     desc,
                 )
-                acts = _base_after_last(model, tokens, acts, layers, last)
+            acts = _base_after_last(model, tokens, acts, layers, last)
     return [acts[c.hook_name(model)] for c in record]
 
 
