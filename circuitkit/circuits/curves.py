@@ -50,7 +50,7 @@ from circuitkit.core import provenance
 from circuitkit.core.components import MLP, Component, Head
 from circuitkit.core.engine import check_memory_budget
 from circuitkit.core.errors import CircuitkitError, ComponentError
-from circuitkit.core.graph import EdgeScores, Graph, check_graph_metric
+from circuitkit.core.graph import EdgeScores, Graph, check_edge_scores, check_graph_metric
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
 from circuitkit.core.lens import HookedTransformer
@@ -293,14 +293,7 @@ def _check_sizes(sizes: Sequence[float], where: str) -> list[float]:
 def _edge_scores(scores: Any, graph: Graph, where: str) -> tuple[Tensor, int]:
     """Each edge's score, in the order of ``graph.valid``'s True entries, and the sign that
     makes a larger signed score a more helpful edge."""
-    mask = getattr(scores, "edge_mask", None) if isinstance(scores, EdgeScores) else None
-    if not isinstance(mask, Tensor) or not torch.equal(mask.cpu(), graph.valid):
-        raise CircuitkitError(
-            f"{where}: with level='edge', scores must be the EdgeScores of this model's graph "
-            f"({len(graph.receivers)} receivers x {len(graph.senders)} senders, from "
-            f"ck.edge_attribution_patching), got {type(scores).__name__}"
-            + (f" over {tuple(mask.shape)}" if isinstance(mask, Tensor) else "")
-        )
+    check_edge_scores(scores, graph, where, needed="with level='edge', scores")
     rows, columns = graph.valid.nonzero(as_tuple=True)
     # edge scores are changes of the metric when the edge is patched (noising by default)
     sign = -1 if scores.info.get("direction", "noise") == "noise" else 1

@@ -92,6 +92,7 @@ from circuitkit.core.graph import (
     EdgeScores,
     Graph,
     SenderOutputs,
+    check_edge_scores,
     check_graph_metric,
     sender_outputs,
 )
@@ -293,14 +294,7 @@ def discover_circuit(
     per_template = _resolve_per_template(clean, corrupted, ablation, per_template, where)
     choice = AblationChoice(ablation, per_template=per_template)
     if scores is not None:
-        mask = getattr(scores, "edge_mask", None) if isinstance(scores, EdgeScores) else None
-        if not isinstance(mask, Tensor) or not torch.equal(mask.cpu(), graph.valid):
-            raise CircuitkitError(
-                f"{where}: scores must be the EdgeScores of this model's graph "
-                f"({len(graph.receivers)} receivers x {len(graph.senders)} senders), got "
-                f"{type(scores).__name__}"
-                + (f" over {tuple(mask.shape)}" if isinstance(mask, Tensor) else "")
-            )
+        check_edge_scores(scores, graph, where)
         method = scores.info.get("method", "given")  # type: ignore[assignment]
         steps = scores.info.get("steps", steps)
 

@@ -586,6 +586,19 @@ class EdgeScores(Result):
         return frame[self.edge_mask.flatten().numpy()].reset_index(drop=True)
 
 
+def check_edge_scores(scores: Any, graph: Graph, where: str, *, needed: str = "scores") -> None:
+    """Raise a CircuitkitError unless ``scores`` are the ``EdgeScores`` of ``graph``;
+    ``needed`` says what was required (``"with level='edge', scores"``)."""
+    mask = getattr(scores, "edge_mask", None) if isinstance(scores, EdgeScores) else None
+    if not isinstance(mask, Tensor) or not torch.equal(mask.cpu(), graph.valid):
+        raise CircuitkitError(
+            f"{where}: {needed} must be the EdgeScores of this model's graph "
+            f"({len(graph.receivers)} receivers x {len(graph.senders)} senders, from "
+            f"ck.edge_attribution_patching), got {type(scores).__name__}"
+            + (f" over {tuple(mask.shape)}" if isinstance(mask, Tensor) else "")
+        )
+
+
 __all__ = [
     "LOGITS",
     "Edge",
@@ -593,6 +606,7 @@ __all__ = [
     "Graph",
     "Receiver",
     "SenderOutputs",
+    "check_edge_scores",
     "check_graph_metric",
     "head_outputs",
     "sender_deltas",
