@@ -408,17 +408,7 @@ def ablation_values(
             raise CircuitkitError(f"{where}: per_template is for mean and resample ablation")
         zero = Zero()
         return [dict.fromkeys(hooks, zero)]
-    if reference is None:
-        raise CircuitkitError(
-            f"{where}: {method.value} ablation needs reference=..., the dataset or tokens whose "
-            "activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
-        )
-    ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
-    if ref_tokens.shape[1] != tokens.shape[1]:
-        raise ShapeError(
-            f"{where}: reference has {ref_tokens.shape[1]} positions but ds has "
-            f"{tokens.shape[1]}; both need the same number of positions (any number of examples)"
-        )
+    ref_tokens = _reference_tokens(model, tokens, reference, method.value, where)
     groups = template_groups(ds, reference, tokens.shape[0], where) if per_template else None
     acts = _reference_activations(model, ref_tokens, components, hooks)
 
@@ -702,7 +692,7 @@ def ablated_outputs(
         return [outputs_on(corrupted, _paired_tokens(model, tokens, corrupted, where))]
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise CircuitkitError(f"{where}: n_samples must be a positive int, got {n_samples!r}")
-    ref_tokens = _reference_tokens(model, tokens, reference, ablation, where)
+    ref_tokens = _reference_tokens(model, tokens, reference, ablation.value, where)
     # the groups first, so that a dataset without templates fails before any forward pass
     groups = template_groups(ds, reference, n, where) if ablation.per_template else None
     outputs = outputs_on(reference, ref_tokens)
@@ -757,11 +747,13 @@ def _paired_tokens(model: HookedTransformer, tokens: Tensor, corrupted: Any, whe
 
 
 def _reference_tokens(
-    model: HookedTransformer, tokens: Tensor, reference: Any, ablation: Ablation, where: str
+    model: HookedTransformer, tokens: Tensor, reference: Any, value: str, where: str
 ) -> Tensor:
+    """The tokens of ``reference``, whose activations replace the ablated ones (``value``:
+    "mean" or "resample"), checked to have the positions of ``tokens``."""
     if reference is None:
         raise CircuitkitError(
-            f"{where}: {ablation.value} ablation needs reference=..., the dataset or tokens "
+            f"{where}: {value} ablation needs reference=..., the dataset or tokens "
             "whose activations replace the ablated ones (for IOI, ds.corrupted('ABC'))"
         )
     ref_tokens, _ = as_tokens(reference, "reference", where, model=model)
