@@ -402,10 +402,10 @@ def _tokenizer_from_gguf(gguf: Path) -> PreTrainedTokenizerBase:
 # --- local checkpoints and hub names -------------------------------------------------------
 
 
-def _load_local_dir(
-    path: Path, *, device: str | torch.device | None, dtype: torch.dtype
-) -> HookedTransformer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _read_checkpoint(path: Path) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """The transformers model (float32) in the checkpoint folder ``path``, and its tokenizer if
+    the folder holds one; a ModelLoadError when it is not a checkpoint transformers can read."""
+    from transformers import AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(
@@ -413,13 +413,22 @@ def _load_local_dir(
             f"Hugging Face checkpoint directory (config.json plus weights)"
         )
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True
-        )
+        hf_model = _read_hf_model(path)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"load_model: transformers could not load the checkpoint in {str(path)!r}: {err}"
         ) from err
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    tokenizer = None
+    if any((path / file).is_file() for file in tokenizer_files):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return hf_model, tokenizer
+
+
+def _load_local_dir(
+    path: Path, *, device: str | torch.device | None, dtype: torch.dtype
+) -> HookedTransformer:
+    hf_model, tokenizer = _read_checkpoint(path)
     try:
         cfg_dict, state_dict = _hf_to_transformer_lens(hf_model)
     except NotImplementedError as err:
@@ -428,10 +437,6 @@ def _load_local_dir(
             f"{type(hf_model).__name__}, which TransformerLens' HookedTransformer cannot "
             f"convert ({err})"
         ) from err
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    tokenizer = None
-    if any((path / file).is_file() for file in tokenizer_files):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = _build_hooked(
         cfg_dict, state_dict, tokenizer, device=device, dtype=dtype, model_name=path.name
     )
@@ -630,23 +635,8 @@ def _read_hf_model(folder: Path) -> Any:
 def _local_dir_bridge(
     path: Path, *, device: str | torch.device | None, dtype: torch.dtype
 ) -> Model:
-    from transformers import AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"load_model: {str(path)!r} is a directory but holds no config.json; expected a "
-            f"Hugging Face checkpoint directory (config.json plus weights)"
-        )
-    try:
-        hf_model = _read_hf_model(path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"load_model: transformers could not load the checkpoint in {str(path)!r}: {err}"
-        ) from err
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    tokenizer = None
-    if any((path / file).is_file() for file in tokenizer_files):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    hf_model, tokenizer = _read_checkpoint(path)
+    if tokenizer is not None:
         tokenizer.padding_side = "right"
     return _boot_bridge(hf_model, tokenizer, device=device, dtype=dtype, model_name=path.name)
 
