@@ -133,6 +133,61 @@ def test_chunking_does_not_change_results(tiny_gpt2):
     assert_close(tiny_budget, one, atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("kind", ["head", "resid"])
+def test_runs_in_one_block_share_the_later_blocks(tiny_model, kind, monkeypatch):
+    """A sweep whose runs each sit in one block runs, at each position, the runs of earlier
+    layers through every later block together: one fused call per block for them, one per
+    group starting there, not one per group and block after it."""
+    from circuitkit.core import blocks
+
+    model = tiny_model
+    base, cache, metric, positions, g = random_case(model, 11)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    runs, pos = [], 3
+    for layer in range(n_layers):
+        if kind == "head":
+            for head in range(n_heads):
+                comp = Head(layer, head, pos=pos)
+                runs.append([Intervention(comp, Patch(cache[comp.hook_name(model)]))])
+        else:
+            comp = Resid(layer, "pre", pos=pos)
+            runs.append([Intervention(comp, Patch(cache[comp.hook_name(model)]))])
+    calls = []
+    original = blocks.block_forward
+
+    def counting(block, resid_pre, *args, **kwargs):
+        calls.append(resid_pre.shape[0])
+        return original(block, resid_pre, *args, **kwargs)
+
+    monkeypatch.setattr(blocks, "block_forward", counting)
+    fast = run_interventions(model, base, runs, metric, positions=positions, progress=False)
+    assert len(calls) == 2 * n_layers - 1
+    per_layer = n_heads if kind == "head" else 1
+    n = base.shape[0]
+    # block l takes the runs of layers before it in one call, then those starting at it
+    expected = [per_layer * n]
+    for layer in range(1, n_layers):
+        expected += [layer * per_layer * n, per_layer * n]
+    assert calls == expected
+    reference = run_interventions(
+        model, base, runs, metric, positions=positions, reference=True, progress=False
+    )
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert (reference - reference[:1]).abs().max() > 1e-3  # the runs differ
+
+
+def test_merged_chunks_keep_to_their_size_and_position():
+    starts = [(2, 3, True), (0, 3, True), (1, 0, False), (0, 3, True), (1, 3, False), (0, 5, True)]
+    single = [True, True, True, True, False, True]
+    chunks = list(engine.merged_chunks(starts, single, lambda start: 3))
+    assert chunks == [[[4]], [[2]], [[1, 3], [0]], [[5]]]
+    assert sorted(r for chunk in chunks for group in chunk for r in group) == list(range(6))
+    # one run per chunk: every run alone
+    chunks = list(engine.merged_chunks(starts, single, lambda start: 1))
+    assert sorted(len(chunk) for chunk in chunks) == [1] * 6
+
+
 def test_plain_callable_metric_equals_position_metric(tiny_llama):
     base, cache, metric, positions, g = random_case(tiny_llama, 3)
     runs = random_runs(tiny_llama, cache, g, base.shape[1])

@@ -871,11 +871,16 @@ def _run_fast(
         return runs_per_chunk(model, per_run, max(budget - kept, 0), max_runs_per_chunk)
 
     # Chunks go position by position, so those that start at one position share the earlier
-    # positions' keys and values (``_prefix``). The loop queues work on the device and never
-    # waits for it: the chunks' run indices go to the device in one copy, and results stay
-    # there until the end.
-    chunks = list(chunk_groups([(pos, layer, alone) for layer, pos, alone in starts], chunk_size))
-    order = _index_tensor([r for chunk in chunks for r in chunk], device)
+    # positions' keys and values (``_prefix``). Runs whose interventions all sit in the block
+    # they start at share a chunk with the other such runs at their position, whatever their
+    # layer (``merged_chunks``): fewer, larger forward passes. The loop queues work on the
+    # device and never waits for it: the chunks' run indices go to the device in one copy, and
+    # results stay there until the end.
+    single = [
+        _in_one_block(model, items, start) for items, start in zip(compiled, starts, strict=True)
+    ]
+    chunks = list(merged_chunks(starts, single, chunk_size))
+    order = _index_tensor([r for chunk in chunks for group in chunk for r in group], device)
     results = torch.empty(len(compiled), n, device=device)
     done = 0
     with (
@@ -883,25 +888,33 @@ def _run_fast(
         _attention_kernels(model, n_pos),
     ):
         for chunk in chunks:
-            c = len(chunk)
-            layer, pos, alone = starts[chunk[0]]
-            hooks = _chunk_hooks(
-                [compiled[r] for r in chunk], c, n, pos, alone_in=layer if alone else None
-            )
+            c = sum(len(group) for group in chunk)
+            pos = starts[chunk[0][0]][1]
             # the last block need compute only the positions the metric reads
-            read = None if one_read is None else (one_read - pos).clamp(min=0).repeat(c)
-            with hooks_added(model, hooks.items()):
-                residual = run_blocks(
-                    model,
-                    tokens,
-                    c,
-                    layer,
-                    pos,
-                    model.cfg.n_layers,
-                    base,
-                    first_alone=alone,
-                    read=read,
+            read = None if one_read is None else (one_read - pos).clamp(min=0)
+            if len(chunk) == 1 and not single[chunk[0][0]]:
+                [group] = chunk
+                layer, pos, alone = starts[group[0]]
+                hooks = _chunk_hooks(
+                    [compiled[r] for r in group], c, n, pos, alone_in=layer if alone else None
                 )
+                with hooks_added(model, hooks.items()):
+                    residual = run_blocks(
+                        model,
+                        tokens,
+                        c,
+                        layer,
+                        pos,
+                        model.cfg.n_layers,
+                        base,
+                        first_alone=alone,
+                        read=None if read is None else read.repeat(c),
+                    )
+                    logits = read_logits(
+                        model, residual, metric, c, n, pos, base, at_read=read is not None
+                    )
+            else:
+                residual = _run_merged(model, tokens, compiled, chunk, starts, base, read)
                 logits = read_logits(
                     model, residual, metric, c, n, pos, base, at_read=read is not None
                 )
@@ -912,6 +925,120 @@ def _run_fast(
             done += c
             bar.update(c)
     return _check_finite(results.cpu(), where)
+
+
+def _in_one_block(
+    model: HookedTransformer, items: list[_Compiled], start: tuple[int, int, bool]
+) -> bool:
+    """Whether every intervention of a run sits on a hook point of the block it starts at: the
+    blocks after it then run the run as they run any other (``_run_merged``)."""
+    layer = start[0]
+    if not 0 <= layer < model.cfg.n_layers:
+        return False
+    inside = f"blocks.{layer}."
+    return all(item.layer == layer and item.hook.startswith(inside) for item in items)
+
+
+def merged_chunks(
+    starts: list[tuple[int, int, bool]],
+    single: list[bool],
+    chunk_size: Callable[[tuple[int, int, bool]], int],
+) -> Iterator[list[list[int]]]:
+    """Run indices in chunks, each a list of groups of one start ``(layer, pos, alone)``.
+
+    Runs whose interventions sit in one block (``single``) go together with the other such
+    runs at their position, in layer order, up to ``chunk_size`` runs (which depends on the
+    position alone); every other run goes in a chunk of one group, of runs that start at the
+    same layer and position, as ``chunk_groups`` makes them."""
+    by_pos = [(pos, layer, alone) for layer, pos, alone in starts]
+    merge = [r for r in range(len(starts)) if single[r]]
+    rest = [r for r in range(len(starts)) if not single[r]]
+    for chunk in chunk_groups([by_pos[r] for r in rest], chunk_size):
+        yield [[rest[i] for i in chunk]]
+    merge.sort(key=lambda r: by_pos[r])
+    i = 0
+    while i < len(merge):
+        pos = by_pos[merge[i]][0]
+        size = chunk_size(by_pos[merge[i]])
+        j = i + 1
+        while j < len(merge) and j - i < size and by_pos[merge[j]][0] == pos:
+            j += 1
+        groups: list[list[int]] = []
+        for r in merge[i:j]:
+            if groups and starts[groups[-1][0]] == starts[r]:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        yield groups
+        i = j
+
+
+def _run_merged(
+    model: HookedTransformer,
+    tokens: Tensor,
+    compiled: list[list[_Compiled]],
+    chunk: list[list[int]],
+    starts: list[tuple[int, int, bool]],
+    base: BaseRun,
+    read: Tensor | None,
+) -> Tensor:
+    """The final residual stream of a chunk of ``merged_chunks`` (its groups' runs in order),
+    as ``run_blocks`` gives it.
+
+    Block by block: the runs that started at earlier layers go through the block together,
+    with no intervention hook on it; then each group that starts at this block goes through
+    it with its own hooks, and joins them. ``read`` ([n] indices into the positions from the
+    chunk's position on) as for ``run_blocks``, per example."""
+    n = tokens.shape[0]
+    pos = starts[chunk[0][0]][1]
+    last = model.cfg.n_layers - 1
+    merged: Tensor | None = None
+    c_merged = 0
+    group = 0
+    for layer in range(starts[chunk[0][0]][0], last + 1):
+        at = None if read is None or layer < last else read
+        if merged is not None:
+            merged = run_blocks(
+                model,
+                tokens,
+                c_merged,
+                layer,
+                pos,
+                layer + 1,
+                base,
+                read=None if at is None else at.repeat(c_merged),
+                residual=merged,
+            )
+        parts = [] if merged is None else [merged]
+        while group < len(chunk) and starts[chunk[group][0]][0] == layer:
+            runs = chunk[group]
+            c = len(runs)
+            alone = starts[runs[0]][2]
+            hooks = _chunk_hooks(
+                [compiled[r] for r in runs], c, n, pos, alone_in=layer if alone else None
+            )
+            with hooks_added(model, hooks.items()):
+                parts.append(
+                    run_blocks(
+                        model,
+                        tokens,
+                        c,
+                        layer,
+                        pos,
+                        layer + 1,
+                        base,
+                        first_alone=alone,
+                        read=None if at is None else at.repeat(c),
+                    )
+                )
+            c_merged += c
+            group += 1
+        merged = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # the earlier positions' keys and values of this block serve no later block
+        for key in [key for key in base.prefixes if key[0] == layer]:
+            del base.prefixes[key]
+    assert merged is not None
+    return merged
 
 
 @contextmanager
@@ -1208,14 +1335,16 @@ def run_blocks(
     *,
     first_alone: bool = False,
     read: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The residual stream after block ``stop - 1`` for a chunk of c runs (a c * n batch), at
     positions ``pos`` onwards; with ``read`` ([c * n] indices into those positions), at the
     read positions alone ([c * n, 1, d_model]).
 
     It starts from the base run's residual stream before block ``start`` (from the embeddings
-    when ``start`` is negative); the blocks read the base run's keys and values for the
-    positions before ``pos``. With ``first_alone`` block ``start`` computes position ``pos``
+    when ``start`` is negative), or from ``residual`` ([c * n, positions from ``pos``,
+    d_model]) when given; the blocks read the base run's keys and values for the positions
+    before ``pos``. With ``first_alone`` block ``start`` computes position ``pos``
     alone, and the later positions of its output are the base run's. Blocks that
     ``circuitkit.core.blocks`` can compute (and whose skipped hook points carry no hook) run
     fused; the others run TransformerLens's forward. A last block with no hook at all then
@@ -1229,7 +1358,8 @@ def run_blocks(
         residual = residual[:, pos:]
         start = 0
     else:
-        residual = _tile(base.resid[start][:, pos:end], c)
+        if residual is None:
+            residual = _tile(base.resid[start][:, pos:end], c)
         shortformer = base.shortformer_pos_embed
         shortformer = None if shortformer is None else _tile(shortformer, c)
     if shortformer is not None:
