@@ -95,7 +95,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import HookedTransformer, is_bridge
+from circuitkit.core.lens import HookedTransformer
 from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 from circuitkit.core.results import Result
 from circuitkit.methods.ablation import Ablation, ablated_outputs, check_ablation
@@ -307,10 +307,7 @@ def edge_attribution_patching(
         )  # fmt: skip
 
     desc = f"{where} ({method})"
-    # On a TransformerBridge the batched path's scores do not match its reference path (on a
-    # tiny Llama, by as much as the scores themselves); the reference path matches the
-    # HookedTransformer of the same weights to 1e-8, so a bridge takes it.
-    if reference or is_bridge(model):
+    if reference:
         scores, base_values = _edge_reference(
             model, graph, base, other_outputs, metric, n_steps, None, progress, desc
         )
@@ -566,13 +563,18 @@ def _edge_attribution(
             def record(act: Tensor, name: str, b: int = b, recorded: dict = recorded) -> None:
                 recorded[name] = act.detach().view(n_steps, b, *act.shape[1:])[-1]
 
+            def receive(act: Tensor, name: str, received: dict = received) -> Tensor:
+                # The receiver reads its input through a tensor of its own, so the gradient at
+                # it is the receiver's alone. A bridge's hook_mlp_in passes the residual stream
+                # itself on to the MLP's norm, and the block adds that same tensor to the MLP's
+                # output: the gradient at it would also hold the skip connection's.
+                received[name] = act.view_as(act)
+                return received[name]
+
             hooks: list[tuple[str, Any]] = [(embed_name, interpolate)]
             hooks += [(name, lambda act, name=name: record(act, name)) for name in z_names]
             hooks += [(name, lambda act, name=name: record(act, name)) for name in mlp_names]
-            hooks += [
-                (name, lambda act, name=name, received=received: received.__setitem__(name, act))
-                for name in input_names
-            ]
+            hooks += [(name, lambda act, name=name: receive(act, name)) for name in input_names]
             with torch.enable_grad(), hooks_added(model, hooks):
                 residual = final_residual(model, base[device_rows].repeat(n_steps, 1))
                 batch_metric = select_examples(metric, rows, n) if b < n else metric

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from circuitkit.core.components import MLP, Component, Embed, Head, Resid, input_hook_name
 from circuitkit.core.engine import (
+    BaseRun,
     base_run,
     bytes_per_run,
     check_memory_budget,
@@ -59,7 +60,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import HookedTransformer, is_bridge
+from circuitkit.core.lens import HookedTransformer, Model, is_bridge
 from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 
 EdgeRun = Union[Collection[Edge], Tensor]  # noqa: UP007 (a runtime alias on 3.10)
@@ -89,7 +90,11 @@ def patch_edges(
     positions), or ``sender_outputs(model, reference).mean()`` to mean-ablate edges.
 
     The fast path batches runs like the intervention engine (stacked along the batch, chunks
-    sized to ``memory_budget``, each chunk starting at the first layer its runs change).
+    sized to ``memory_budget``, each chunk starting at the first layer its runs change). On a
+    ``TransformerBridge`` too: there the chunks go through the bridge's blocks one by one, each
+    block called with what the bridge's own forward passed it in the base run (the causal
+    mask, the rotary embeddings), rather than through the bridge's forward, which computes
+    every layer.
     ``memory_budget`` is a number of bytes, as for ``ck.run_interventions``; it covers, by
     estimate, what the fast path keeps for a group of examples (the base run's residual
     streams, keys and values, its senders' outputs and their deltas from ``replacement``)
@@ -131,9 +136,7 @@ def patch_edges(
     if not len(masks):
         return torch.zeros(0, n)
     with torch.no_grad():
-        # the fast path runs TransformerLens 3's blocks one by one; a bridge's run through its
-        # own forward, one per run
-        if reference or is_bridge(model):
+        if reference:
             return _patch_edges_reference(
                 model, graph, tokens, masks, metric, replacement, progress, desc
             )
@@ -290,8 +293,12 @@ def _patch_edges_group(
         (name, lambda act, name=name: recorded.__setitem__(name, act))
         for name in [embed_name, *z_names, *mlp_names]
     ]
+    bridge = is_bridge(model)
     with split_inputs(model), hooks_added(model, record):
-        base = base_run(model, tokens)
+        if bridge:
+            base, block_arguments = _bridge_base_run(model, tokens)
+        else:
+            base = base_run(model, tokens)
     base_outputs = SenderOutputs(
         recorded[embed_name],
         tuple(recorded[name] for name in z_names),
@@ -315,7 +322,10 @@ def _patch_edges_group(
             model, graph, chunk_masks.any(dim=(0, 2)), weights, deltas, replacement, c, n, start
         )
         with split_inputs(model), hooks_added(model, hooks):
-            residual = run_blocks(model, tokens, c, start, 0, n_layers, base)
+            if bridge:
+                residual = _bridge_blocks(model, base, block_arguments, c, n, start)
+            else:
+                residual = run_blocks(model, tokens, c, start, 0, n_layers, base)
             row = graph.logits_row
             if chunk_masks[:, row].any():
                 correction = _correction(deltas, weights[:, row : row + 1])
@@ -327,6 +337,80 @@ def _patch_edges_group(
         results[torch.tensor(chunk)] = values.float().cpu()
         bar.update(c)
     return results
+
+
+_BlockArguments = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _bridge_base_run(model: Model, tokens: Tensor) -> tuple[BaseRun, list[_BlockArguments]]:
+    """The base run on a ``TransformerBridge``, through its own forward: the residual stream
+    entering each block (and the final one) as a ``BaseRun``, and the arguments besides the
+    residual stream that its Hugging Face model passed each block (the causal mask, the rotary
+    embeddings, position ids), so that a chunk's runs can go through the blocks one by one
+    from any layer, as that forward would have run them. The forward keeps no key/value cache
+    (``use_cache=False``): blocks called again must not append to one."""
+    n_layers = model.cfg.n_layers
+    resid: dict[int, Tensor] = {}
+    arguments: list[_BlockArguments] = [((), {})] * n_layers
+
+    def block_input(layer: int, args: tuple, kwargs: dict) -> None:
+        resid[layer] = args[0] if args else kwargs["hidden_states"]
+        arguments[layer] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def block_output(output: Any) -> None:
+        resid[n_layers] = output[0] if isinstance(output, tuple) else output
+
+    # Plain module hooks on the blocks, not hook points: a block's input and output are the
+    # residual stream itself, in no layout that the bridge's hook conversion would change.
+    handles = [
+        block.register_forward_pre_hook(
+            lambda module, args, kwargs, layer=layer: block_input(layer, args, kwargs),
+            with_kwargs=True,
+        )
+        for layer, block in enumerate(model.blocks)
+    ]
+    handles.append(
+        model.blocks[n_layers - 1].register_forward_hook(
+            lambda module, args, output: block_output(output)
+        )
+    )
+    try:
+        model(tokens, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return BaseRun(resid, {}, {}, None, None), arguments
+
+
+def _bridge_blocks(
+    model: Model,
+    base: BaseRun,
+    arguments: list[_BlockArguments],
+    c: int,
+    n: int,
+    start: int,
+) -> Float[Tensor, "c_n pos d_model"]:
+    """The final residual stream of a chunk of c runs (a c * n batch) on a ``TransformerBridge``:
+    the base run's residual stream before block ``start``, then each block called with the
+    arguments the bridge's forward gave it in the base run (``_bridge_base_run``), those with a
+    batch dimension (the causal mask, [n, 1, pos, pos]) repeated for the chunk and those shared
+    by every example ([1, ...], the rotary embeddings) as they are."""
+
+    def tiled(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+            return value.repeat(c, *[1] * (value.ndim - 1))
+        if isinstance(value, tuple):
+            return tuple(tiled(item) for item in value)
+        return value
+
+    residual = base.resid[start].repeat(c, 1, 1)
+    for layer in range(start, model.cfg.n_layers):
+        args, kwargs = arguments[layer]
+        output = model.blocks[layer](
+            residual, *tiled(args), **{key: tiled(value) for key, value in kwargs.items()}
+        )
+        residual = output[0] if isinstance(output, tuple) else output
+    return residual
 
 
 def _correction(deltas: Tensor, weights: Tensor) -> Tensor:
