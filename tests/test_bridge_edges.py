@@ -262,3 +262,40 @@ def test_the_fast_paths_run_on_a_bridge_and_leave_it_as_found(bridge, monkeypatc
     assert all(p.grad is None for p in bridge.parameters())
     with torch.no_grad():
         assert torch.equal(bridge(clean.tokens), before)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_resid_mid_patch_reaches_the_rest_of_the_model_on_a_bridge(bridge, reference):
+    """A bridge's ``hook_resid_mid`` is the MLP norm's input hook; a patch there must change the
+    residual stream the block passes on too, as on a HookedTransformer. Patching the residual
+    stream between attention and MLP with X is patching the attention output with X minus the
+    block's input, which the patch leaves as the base run's."""
+    from circuitkit.core.components import Attn, Resid
+    from circuitkit.core.engine import run_interventions
+    from circuitkit.core.interventions import Intervention, Patch
+
+    clean, corrupted, metric = random_pair(bridge, 5)
+    _, clean_cache = bridge.run_with_cache(clean.tokens)
+    _, base_cache = bridge.run_with_cache(corrupted.tokens)
+    mid_runs, attn_runs = [], []
+    for layer in range(bridge.cfg.n_layers):
+        mid = clean_cache[f"blocks.{layer}.hook_resid_mid"]
+        pre = base_cache[f"blocks.{layer}.hook_resid_pre"]
+        mid_runs.append([Intervention(Resid(layer, "mid"), Patch(mid))])
+        attn_runs.append([Intervention(Attn(layer), Patch(mid - pre))])
+    kwargs = dict(positions=corrupted.positions, reference=reference, progress=False)
+    at_mid = run_interventions(bridge, corrupted.tokens, mid_runs, metric, **kwargs)
+    at_attn = run_interventions(bridge, corrupted.tokens, attn_runs, metric, **kwargs)
+    assert_close(at_mid, at_attn, atol=ATOL, rtol=RTOL)
+    plain = metric(bridge(corrupted.tokens)).cpu()
+    assert (at_mid - plain).abs().max() > 1e-2  # the patches change the metric
+    # a hook that only reads resid_mid still sees the residual stream, and changes nothing
+    seen = []
+    with bridge.hooks(
+        fwd_hooks=lens.bridge_hooks(
+            bridge, [("blocks.0.hook_resid_mid", lambda a, hook: seen.append(a))]
+        )
+    ):
+        logits = bridge(corrupted.tokens)
+    assert_close(seen[0], base_cache["blocks.0.hook_resid_mid"], atol=0, rtol=0)
+    assert_close(metric(logits).cpu(), plain, atol=0, rtol=0)

@@ -95,6 +95,7 @@ from circuitkit.core.lens import (
     Model,
     TransformerLensKeyValueCacheEntry,
     apply_softcap,
+    bridge_hooks,
     is_bridge,
 )
 from circuitkit.core.metrics import Metric, check_metric_output
@@ -700,7 +701,7 @@ def _run_reference(
     out = []
     for items in tqdm(compiled, desc=f"{desc} (reference)", disable=not progress, leave=False):
         fwd_hooks = [(item.hook, _reference_hook(item)) for item in items]
-        logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+        logits = model.run_with_hooks(tokens, fwd_hooks=bridge_hooks(model, fwd_hooks))
         values = metric(logits.float())  # the metric in float32 whatever the model's dtype
         check_metric_values(values, n, where)
         out.append(check_metric_output(values, n, where).float().cpu())
@@ -727,7 +728,7 @@ def _record_reference(
         fwd_hooks = [(item.hook, _reference_hook(item)) for item in items]
         # added after the interventions, so they see the activations the interventions made
         fwd_hooks += [(name, _store_hook(recorded[name])) for name in record]
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=bridge_hooks(model, fwd_hooks), return_type=None)
     return {name: torch.stack(acts) for name, acts in recorded.items()}
 
 
@@ -1303,7 +1304,7 @@ def hooks_added(
     [batch, pos, d_model]) that only its hook conversion turns into TransformerLens's."""
     if is_bridge(model):
         fwd_hooks = [(name, lambda act, hook, fn=fn: fn(act)) for name, fn in hooks]
-        with model.hooks(fwd_hooks=fwd_hooks):
+        with model.hooks(fwd_hooks=bridge_hooks(model, fwd_hooks)):
             yield
         return
     handles = []

@@ -15,7 +15,9 @@ line circuitkit runs on is chosen in one place, at import:
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 from transformer_lens import ActivationCache
@@ -100,6 +102,51 @@ def bridge_class() -> type:
     return TransformerBridge
 
 
+_RESID_MID = re.compile(r"blocks\.(\d+)\.hook_resid_mid")
+
+
+def bridge_hooks(
+    model: object, fwd_hooks: Sequence[tuple[str, Callable]]
+) -> list[tuple[str, Callable]]:
+    """``fwd_hooks`` (``(name, fn(act, hook))`` pairs, as ``run_with_hooks`` takes them) made to
+    act on a ``TransformerBridge`` as they act on a ``HookedTransformer``; on a
+    ``HookedTransformer``, ``fwd_hooks`` as they are.
+
+    On a bridge ``blocks.L.hook_resid_mid`` is the input hook of the MLP's norm: what a hook
+    returns there reaches the MLP, but the block adds the residual stream it held before the
+    hook to the MLP's output, so a change made there would skip the rest of the model. Each
+    hook there that returns a new value therefore also adds its change to the block's
+    ``hook_mlp_out``, after every other hook on it: the block's output then holds the
+    changed residual stream, as a HookedTransformer's does, and hooks on ``hook_mlp_out``
+    still see the MLP's output alone. A hook that only reads sees the residual stream itself.
+    """
+    if not is_bridge(model):
+        return list(fwd_hooks)
+    hooks: list[tuple[str, Callable]] = []
+    carried: list[tuple[str, Callable]] = []
+    hook_dict = model.hook_dict  # type: ignore[attr-defined]
+    for name, fn in fwd_hooks:
+        match = _RESID_MID.fullmatch(name)
+        mlp_out = None if match is None else f"blocks.{match[1]}.hook_mlp_out"
+        if mlp_out is None or mlp_out not in hook_dict:
+            hooks.append((name, fn))
+            continue
+        changes: list = []
+
+        def at_mid(act: Any, hook: Any, fn: Callable = fn, changes: list = changes) -> Any:
+            result = fn(act, hook)
+            if result is not None:
+                changes.append(result - act)
+            return result
+
+        def at_mlp_out(act: Any, hook: Any, changes: list = changes) -> Any:
+            return act + changes.pop() if changes else None
+
+        hooks.append((name, at_mid))
+        carried.append((mlp_out, at_mlp_out))
+    return hooks + carried
+
+
 __all__ = [
     "LINE",
     "MLP",
@@ -121,6 +168,7 @@ __all__ = [
     "TransformerLensKeyValueCacheEntry",
     "apply_softcap",
     "bridge_class",
+    "bridge_hooks",
     "get_act_name",
     "is_bridge",
     "loading",

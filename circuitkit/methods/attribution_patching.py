@@ -95,7 +95,7 @@ from circuitkit.core.graph import (
 )
 from circuitkit.core.inputs import as_tokens, check_same_shape, default_metric
 from circuitkit.core.interventions import MetricLike
-from circuitkit.core.lens import HookedTransformer
+from circuitkit.core.lens import HookedTransformer, bridge_hooks
 from circuitkit.core.metrics import Metric, check_metric_output, select_examples
 from circuitkit.core.results import Result
 from circuitkit.methods.ablation import Ablation, ablated_outputs, check_ablation
@@ -490,7 +490,7 @@ def _node_reference(
             return act + eps.view(-1, *[1] * (act.ndim - 1)) * direction
 
         with torch.enable_grad():
-            logits = model.run_with_hooks(base, fwd_hooks=[(name, nudge)])
+            logits = model.run_with_hooks(base, fwd_hooks=bridge_hooks(model, [(name, nudge)]))
             values = check_metric_output(metric(logits), n, "attribution_patching")
             (derivative,) = _gradients(values.sum(), [eps])
         out.append(derivative.float().cpu())
