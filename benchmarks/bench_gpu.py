@@ -15,7 +15,7 @@ One command on a GPU machine measures, in one process:
 - the floating-point operations each sweep must do (matrix products, attention and the
   unembedding, counting only the layers and positions the engine recomputes), the achieved
   TFLOP/s and its fraction of the measured ceiling;
-- with ``--profile``, where the time of the head x position sweep goes: GPU time in
+- with ``--profile``, where the time of each activation-patching sweep goes: GPU time in
   matrix-product kernels, attention and everything else, the longest kernels, the GPU's idle
   time, and when the host had queued its last chunk (a host that finishes queueing just before
   the GPU finishes computing is what keeps the GPU idle: launch overhead);
@@ -52,6 +52,8 @@ from circuitkit.core import engine
 from circuitkit.core.metrics import Metric
 
 MODES = ("float32", "tf32", "bfloat16")
+# the sweeps ``--profile`` profiles
+PROFILED = ("head x pos", "resid x pos", "head (all positions)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the fastest")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--profile", action="store_true", help="profile the head x pos sweep")
+    parser.add_argument("--profile", action="store_true", help="profile the activation-patching sweeps")
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
@@ -495,7 +497,7 @@ def main() -> None:
                     call = functools.partial(ck_call, model)
                     seconds, values = timed(call, device, args.repeats)
                     profile = None
-                    if args.profile and sweep == "head x pos":
+                    if args.profile and sweep in PROFILED:
                         print(f"  profile of {sweep}, {mode}:")
                         profile = profile_sweep(call, device)
             except Exception as error:  # report and go on: the other rows stand on their own
