@@ -104,6 +104,10 @@ CASES: dict[str, Callable[[Setup], torch.Tensor]] = {
     "attribution_patching": lambda s: ck.attribution_patching(
         s.model, s.ds, s.abc, s.metric, component="head", layers=[20, 25], progress=False
     ).values,
+    # every 7th receiver and sender of the 70,651-edge graph
+    "edge_attribution": lambda s: ck.edge_attribution_patching(
+        s.model, s.ds, s.abc, s.metric, progress=False
+    ).values[::7, ::7].nan_to_num(),
     "causal_trace": lambda s: ck.causal_trace(
         s.model, PROMPT, "Eiffel Tower", " Paris", kind="mlp", window=3, samples=2,
         layers=[0, 10, 20], progress=False,
