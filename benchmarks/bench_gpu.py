@@ -291,19 +291,19 @@ def timeline(fn: Callable[[], object], device: str) -> dict:
     """When the engine started its first chunk and had queued its last one, against the whole
     call's time (an unprofiled run)."""
     marks: list[float] = []
-    run_blocks, read_metric = engine.run_blocks, engine.read_metric
+    run_blocks, read_logits = engine.run_blocks, engine.read_logits
 
     def first_block(*args, **kwargs):
         if not marks:
             marks.append(time.perf_counter())
         return run_blocks(*args, **kwargs)
 
-    def last_metric(*args, **kwargs):
-        out = read_metric(*args, **kwargs)
+    def last_logits(*args, **kwargs):
+        out = read_logits(*args, **kwargs)
         marks[1:] = [time.perf_counter()]
         return out
 
-    engine.run_blocks, engine.read_metric = first_block, last_metric
+    engine.run_blocks, engine.read_logits = first_block, last_logits
     try:
         synchronize(device)
         start = time.perf_counter()
@@ -311,7 +311,7 @@ def timeline(fn: Callable[[], object], device: str) -> dict:
         synchronize(device)
         wall = time.perf_counter() - start
     finally:
-        engine.run_blocks, engine.read_metric = run_blocks, read_metric
+        engine.run_blocks, engine.read_logits = run_blocks, read_logits
     return {
         "first_chunk_started_s": marks[0] - start,
         "last_chunk_queued_s": marks[-1] - start,
@@ -363,7 +363,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the fastest")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--profile", action="store_true", help="profile the activation-patching sweeps")
+    parser.add_argument("--profile", action="store_true", help="profile the patching sweeps")
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
