@@ -133,7 +133,6 @@ def test_chunking_does_not_change_results(tiny_gpt2):
     assert_close(tiny_budget, one, atol=0, rtol=0)
 
 
-
 @pytest.mark.parametrize("kind", ["head", "resid"])
 def test_runs_in_one_block_share_the_later_blocks(tiny_model, kind, monkeypatch):
     """A sweep whose runs each sit in one block runs, at each position, the runs of earlier
