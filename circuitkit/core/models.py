@@ -88,7 +88,14 @@ try:
 except ImportError:  # Windows: no cache lock; processes that convert at once both convert
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["BACKENDS", "default_backend", "load_model", "load_tokenizer"]
+__all__ = [
+    "BACKENDS",
+    "bridge_from_transformers",
+    "check_backend",
+    "default_backend",
+    "load_model",
+    "load_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +217,7 @@ def load_model(
             f"load_model: dtype must be a floating-point torch.dtype such as torch.float32 "
             f"or torch.bfloat16, got {dtype!r}"
         )
-    backend = _check_backend(backend)
+    backend = check_backend(backend)
     _check_device(device)
     name = os.fspath(name)
     path = Path(name).expanduser()
@@ -238,23 +245,32 @@ def default_backend() -> str:
     return "bridge" if lens.LINE >= 4 else "hooked"
 
 
-def _check_backend(backend: object) -> str:
+def check_backend(backend: object, caller: str = "load_model") -> str:
+    """``backend`` (``"hooked"`` or ``"bridge"``), or the installed line's default for None.
+
+    Raises ``ModelLoadError``, naming ``caller``, for an unknown backend or one the installed
+    TransformerLens line lacks (``"hooked"`` on 4.x, ``"bridge"`` on 3.x).
+
+    Example::
+
+        check_backend(None)             # 'hooked' with TransformerLens 3.9
+    """
     if backend is None:
         return default_backend()
     if backend not in BACKENDS:
         raise ModelLoadError(
-            f"load_model: backend must be one of {BACKENDS} or None (the installed "
+            f"{caller}: backend must be one of {BACKENDS} or None (the installed "
             f"TransformerLens line's default, {default_backend()!r}), got {backend!r}"
         )
     if backend == "hooked" and lens.LINE >= 4:
         raise ModelLoadError(
-            f"load_model: backend='hooked' needs TransformerLens 3.x, which has "
+            f"{caller}: backend='hooked' needs TransformerLens 3.x, which has "
             f"HookedTransformer; TransformerLens {lens.VERSION} is installed (4.0 removed it). "
             f"Use backend='bridge', or install the 3.x line: pip install 'circuitkit[tl3]'"
         )
     if backend == "bridge" and lens.LINE < 4:
         raise ModelLoadError(
-            f"load_model: backend='bridge' needs TransformerLens 4.x; TransformerLens "
+            f"{caller}: backend='bridge' needs TransformerLens 4.x; TransformerLens "
             f"{lens.VERSION} is installed. Use backend='hooked' (the 3.x default), or install "
             f"the 4.x line: pip install 'circuitkit[tl4]'"
         )
@@ -623,7 +639,9 @@ def _smollm2_bridge(*, device: str | torch.device | None, dtype: torch.dtype) ->
         return hf_model, {}, hf_model.save_pretrained
 
     hf_model = _load_cached("load_model", "hf-model", read, rebuild)
-    return _boot_bridge(hf_model, tokenizer, device=device, dtype=dtype, model_name=_SMOLLM2)
+    return bridge_from_transformers(
+        hf_model, tokenizer, device=device, dtype=dtype, model_name=_SMOLLM2
+    )
 
 
 def _read_hf_model(folder: Path) -> Any:
@@ -638,7 +656,9 @@ def _local_dir_bridge(
     hf_model, tokenizer = _read_checkpoint(path)
     if tokenizer is not None:
         tokenizer.padding_side = "right"
-    return _boot_bridge(hf_model, tokenizer, device=device, dtype=dtype, model_name=path.name)
+    return bridge_from_transformers(
+        hf_model, tokenizer, device=device, dtype=dtype, model_name=path.name
+    )
 
 
 def _hub_bridge(name: str, *, device: str | torch.device | None, dtype: torch.dtype) -> Model:
@@ -669,7 +689,7 @@ def _bridge_device(device: str | torch.device | None) -> str:
     return str(device)
 
 
-def _boot_bridge(
+def bridge_from_transformers(
     hf_model: Any,
     tokenizer: PreTrainedTokenizerBase | None,
     *,
@@ -678,7 +698,20 @@ def _boot_bridge(
     model_name: str,
 ) -> Model:
     """A TransformerBridge around ``hf_model`` (which it takes over), with no weight processing
-    and no hub access: the config comes from the model, the tokenizer is the one given."""
+    and no hub access: the config comes from the model, the tokenizer is the one given.
+
+    ``hf_model`` is moved to ``device`` (the GPU if there is one when None) and cast to
+    ``dtype`` first; the bridge is in eval mode. ``load_model`` builds every bridge of a
+    transformers model in hand (smollm2-135m, a checkpoint folder) through it, and
+    ``ck.tiny_model`` its tiny bridges. An architecture TransformerLens cannot bridge raises
+    ``ModelLoadError``. With ``tokenizer=None`` TransformerLens looks a tokenizer up on the hub
+    by ``model_name``.
+
+    Example::
+
+        bridge = bridge_from_transformers(hf_model, tokenizer, device="cpu",
+                                          dtype=torch.float32, model_name="mine")
+    """
     device = _bridge_device(device)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     try:

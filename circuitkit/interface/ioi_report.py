@@ -29,7 +29,7 @@ from circuitkit.circuits.faithfulness import (
 from circuitkit.circuits.ioi_circuit import find_ioi_circuit
 from circuitkit.core import metrics
 from circuitkit.core.errors import CircuitkitError
-from circuitkit.core.lens import ActivationCache, HookedTransformer
+from circuitkit.core.lens import ActivationCache, HookedTransformer, is_bridge
 from circuitkit.core.metrics import logit_diff
 from circuitkit.core.results import Result
 from circuitkit.data.ioi import IOIDataset
@@ -181,17 +181,20 @@ def ioi_study(
     patch_n, discover_n = min(patch_n, ds.n), min(discover_n, ds.n)
     table_n = ds.n if table_n is None else min(table_n, ds.n)
     choices = list(table_choices)
-    # three runs per choice; an edge-level run costs about two forward passes
-    table_passes = sum(3 * (2 if _level(c) == "edge" else 1) for c in choices) * table_n
+    share = _SHARES["bridge" if is_bridge(model) else "hooked"]
+    # three runs per choice (F(M), F(C), F(∅)); an edge-level run costs about two node-level ones
+    table_passes = (
+        sum(share["table"] * (2 if _level(c) == "edge" else 1) for c in choices) * table_n
+    )
     words = [w for w in _WORDS if w in ds.positions]
     heads_searched = cfg.n_heads * (cfg.n_layers if circuit_layers is None else len(circuit_layers))
     # Forward passes of one prompt each stage costs (patches x prompts, weighted by the share
     # of the model the engine runs per patch); times the baseline's seconds per prompt pass.
     work = {
-        "resid": len(words) * cfg.n_layers * patch_n * _RESID_SHARE,
-        "head": cfg.n_layers * cfg.n_heads * patch_n * _HEAD_SHARE,
-        "circuit": heads_searched * discover_n * _CIRCUIT_SHARE,
-        "faithfulness": _FAITHFULNESS_PASSES * ds.n + table_passes,
+        "resid": len(words) * cfg.n_layers * patch_n * share["resid"],
+        "head": cfg.n_layers * cfg.n_heads * patch_n * share["head"],
+        "circuit": heads_searched * discover_n * share["circuit"],
+        "faithfulness": share["faithfulness"] * ds.n + table_passes,
     }
     for name in ("q", "k", "v"):
         work[name] = work["head"]
@@ -287,12 +290,16 @@ def _level(choice: Ablation | str) -> str:
     return choice.level if isinstance(choice, Ablation) else "node"
 
 
-# The share of a full forward pass of one prompt that the engine runs per patch, by sweep:
-# measured on smollm2-135m (2-core CPU) against the baseline's own passes; estimates only.
-_RESID_SHARE = 0.4
-_HEAD_SHARE = 0.3
-_CIRCUIT_SHARE = 0.6
-_FAITHFULNESS_PASSES = 3
+# The share of a full forward pass of one prompt that the engine runs per patch, by sweep (for
+# the circuit, per head searched, all rounds of path patching together), and the passes per
+# prompt of the faithfulness run and of each node-level choice of the table: measured on
+# smollm2-135m (2-core CPU) against the baseline's own passes; estimates only. A bridge runs
+# every layer of every patched run (the engine cannot start it at the first patched layer), so
+# a patch costs more than a whole plain pass there.
+_SHARES = {
+    "hooked": {"resid": 0.4, "head": 0.3, "circuit": 0.6, "faithfulness": 3, "table": 3},
+    "bridge": {"resid": 1.2, "head": 1.1, "circuit": 5.0, "faithfulness": 7, "table": 4},
+}
 
 
 def _duration(seconds: float) -> str:
