@@ -943,35 +943,29 @@ def _in_one_block(
 def merged_chunks(
     starts: list[tuple[int, int, bool]],
     single: list[bool],
-    chunk_size: Callable[[tuple[int, int, bool]], int],
+    chunk_size: Callable[[tuple], int],
 ) -> Iterator[list[list[int]]]:
     """Run indices in chunks, each a list of groups of one start ``(layer, pos, alone)``.
 
     Runs whose interventions sit in one block (``single``) go together with the other such
-    runs at their position, in layer order, up to ``chunk_size`` runs (which depends on the
-    position alone); every other run goes in a chunk of one group, of runs that start at the
-    same layer and position, as ``chunk_groups`` makes them."""
+    runs at their position, in layer order, up to ``chunk_size`` runs (which reads the
+    position, the first item of the tuple it is given, alone); every other run goes in a
+    chunk of one group, of runs that start at the same layer and position, as
+    ``chunk_groups`` makes them."""
     by_pos = [(pos, layer, alone) for layer, pos, alone in starts]
-    merge = [r for r in range(len(starts)) if single[r]]
+    merge = sorted((r for r in range(len(starts)) if single[r]), key=lambda r: by_pos[r])
     rest = [r for r in range(len(starts)) if not single[r]]
     for chunk in chunk_groups([by_pos[r] for r in rest], chunk_size):
         yield [[rest[i] for i in chunk]]
-    merge.sort(key=lambda r: by_pos[r])
-    i = 0
-    while i < len(merge):
-        pos = by_pos[merge[i]][0]
-        size = chunk_size(by_pos[merge[i]])
-        j = i + 1
-        while j < len(merge) and j - i < size and by_pos[merge[j]][0] == pos:
-            j += 1
+    # chunks of one position each; the sort in chunk_groups is stable, so layer order stays
+    for chunk in chunk_groups([by_pos[r][:1] for r in merge], chunk_size):
         groups: list[list[int]] = []
-        for r in merge[i:j]:
+        for r in (merge[i] for i in chunk):
             if groups and starts[groups[-1][0]] == starts[r]:
                 groups[-1].append(r)
             else:
                 groups.append([r])
         yield groups
-        i = j
 
 
 def _run_merged(
