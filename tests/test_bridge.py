@@ -143,24 +143,11 @@ def test_activation_patching_equals_transformer_lens_patching_on_a_bridge(bridge
 @on_tl4
 def test_tiny_bridge_matches_reference_and_transformer_lens(tmp_path):
     from transformer_lens import patching as tl_patching
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from circuitkit.data.tiny import tiny_tokenizer
+    from circuitkit.data.tiny import tiny_tokenizer, tiny_transformers_model
 
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_transformers_model("llama", n_layers=2, tokenizer=tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = ck.load_model(tmp_path, device="cpu", backend="bridge")
     assert lens.is_bridge(model)
