@@ -88,6 +88,7 @@ from circuitkit.core.interventions import (
     Value,
     Zero,
     apply_value,
+    narrowed,
     value_tensor,
 )
 from circuitkit.core.lens import (
@@ -1759,11 +1760,9 @@ def _from_position(
     ndim = max(item.mask.ndim, item.pos_dim + 1)
     value = item.value
     if isinstance(value, Patch):
-        value = Patch(cut(value.source, value.source.ndim))
-    elif isinstance(value, SetTo):
-        value = SetTo(cut(value.value, ndim))
-    elif isinstance(value, Add):
-        value = Add(cut(value.delta, ndim))
+        value = narrowed(value, cut(value.source, value.source.ndim))
+    elif isinstance(value, (SetTo, Add)):
+        value = narrowed(value, cut(value_tensor(value), ndim))
     mask = cut(item.mask, item.mask.ndim)
     # built directly: dataclasses.replace costs more than the rest of a chunk's set-up per item
     return _Compiled(

@@ -15,6 +15,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 
 import torch
 from torch import Tensor
@@ -193,6 +194,16 @@ def value_tensor(value: Value) -> Tensor | None:
     if isinstance(value, Add):
         return value.delta
     return None
+
+
+def narrowed(value: Value, tensor: Tensor) -> Value:
+    """``value`` holding ``tensor``, a view of its own tensor (the engine's cut to the positions
+    a block computes), with no new check: the entries of a view of a finite tensor are finite,
+    and checking a GPU tensor waits for the device."""
+    kind = type(value)  # Patch, SetTo or Add: each holds its one tensor
+    out = object.__new__(kind)
+    object.__setattr__(out, dataclass_fields(kind)[0].name, tensor)
+    return out
 
 
 def apply_value(act: Tensor, mask: Tensor, value: Value) -> Tensor:
