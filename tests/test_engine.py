@@ -859,3 +859,44 @@ def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
     assert messages[0].startswith("run_interventions: memory_budget of ")
     assert "the base run's cached activations and the runs' values take " in messages[0]
     assert_close(narrow, wide, atol=1e-5, rtol=1e-5)
+
+
+def test_the_chunk_loop_never_waits_for_the_device(tiny_model, monkeypatch):
+    """Reading a device tensor on the host (``.item()``, ``bool()``, ``nonzero``) waits for the
+    GPU to finish its queue; the chunk loop makes none, so the host queues the next chunk while
+    the GPU computes: a sweep of many chunks reads as often as one run does. Counted on any
+    device: the same calls would wait on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "is_nonzero"):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    base, cache, metric, positions, g = random_case(tiny_model, 17)
+    runs = [
+        [Intervention(comp, Patch(cache[comp.hook_name(tiny_model)]))]
+        for layer in range(tiny_model.cfg.n_layers)
+        for pos in range(base.shape[1])
+        for comp in (Head(layer, 1, pos=pos), Resid(layer, "pre", pos=pos))
+    ]
+    run_fast = engine._run_fast
+
+    def counted(*args, **kwargs):
+        with CountReads():
+            return run_fast(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_fast", counted)
+    run_interventions(tiny_model, base, runs[:1], metric, positions=positions, progress=False)
+    one_run = list(reads)
+    reads.clear()
+    fast = run_interventions(tiny_model, base, runs, metric, positions=positions, progress=False)
+    # the metric's read positions checked before the loop, every result checked after it
+    assert reads == one_run and len(reads) <= 2
+    reference = run_interventions(
+        tiny_model, base, runs, metric, positions=positions, reference=True, progress=False
+    )
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
