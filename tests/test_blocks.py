@@ -38,7 +38,7 @@ def _reference(block, residual, keys, values):
 
 def _fused(block, residual, keys, values, read=None):
     pos = keys.shape[1]
-    past = blocks.prefix(block, keys, values, RUNS) if pos else None
+    past = blocks.past(block, keys, values) if pos else None
     if read is not None:
         mask = blocks.read_mask(read, pos, pos + residual.shape[1])
     else:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from circuitkit.core import kernels
 from circuitkit.core.lens import (
     MLP,
     POST_NORM_ARCHITECTURES,
@@ -139,20 +140,31 @@ def hooks_free(block: TransformerBlock) -> bool:
     return not any(is_hooked(module) for module in block.modules() if isinstance(module, HookPoint))
 
 
-def prefix(
+@dataclass(frozen=True)
+class Past:
+    """The keys (rotated, in a rotary model) and values of the positions before a batch's first
+    one, once per prompt: row ``r`` of a batch continues prompt ``r % n``. Made once per block
+    and position (``past``), it serves a batch of any number of runs on those prompts."""
+
+    keys: Tensor  # [n, n_past, kv_head, d_head]
+    values: Tensor  # [n, n_past, kv_head, d_head]
+
+    def repeated(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The keys and values of every row of a batch of ``batch`` rows."""
+        repeat = (batch // self.keys.shape[0], 1, 1, 1)
+        return self.keys.repeat(repeat), self.values.repeat(repeat)
+
+
+def past(
     block: TransformerBlock,
     keys: Float[Tensor, "n past kv_head d_head"],
     values: Float[Tensor, "n past kv_head d_head"],
-    copies: int,
-) -> tuple[Tensor, Tensor]:
-    """The keys (rotated, in a rotary model) and values of earlier positions of ``n`` prompts,
-    repeated ``copies`` times along the batch: the ``past`` that ``block_forward`` takes for a
-    batch of ``copies`` runs on the same prompts. Made once, it serves every chunk of that many
-    runs that starts at the same position."""
+) -> Past:
+    """The earlier positions' keys and values of ``n`` prompts, as ``block_forward`` takes
+    them (from a ``TransformerLensKeyValueCacheEntry``: keys before rotary)."""
     if block.cfg.positional_embedding_type == "rotary":
         keys = block.attn.apply_rotary(keys, 0, None)
-    repeat = (copies,) + (1,) * (keys.ndim - 1)
-    return keys.repeat(repeat), values.repeat(repeat)
+    return Past(keys, values)
 
 
 def causal_mask(n_query: int, n_past: int, device: torch.device) -> Tensor:
@@ -170,7 +182,7 @@ def read_mask(read: Int[Tensor, " batch"], n_past: int, n_keys: int) -> Tensor:
 def block_forward(
     block: TransformerBlock,
     resid_pre: Float[Tensor, "batch pos d_model"],
-    past: tuple[Tensor, Tensor] | None,
+    past: Past | None,
     weights: BlockWeights,
     *,
     mask: Tensor | None = None,
@@ -178,20 +190,25 @@ def block_forward(
 ) -> Float[Tensor, "batch pos d_model"]:
     """``block`` on ``resid_pre``, whose positions may follow earlier ones.
 
-    ``past`` holds the earlier positions' keys and values, ``[batch, n_past, kv_head, d_head]``
-    each (from ``prefix``), or is None when there are none. ``mask`` says which keys each query
-    sees (``causal_mask``; None without ``past``: plainly causal).
+    ``past`` holds the earlier positions' keys and values of the prompts the rows continue
+    (``past``; the batch is a whole number of copies of them), or is None when there are
+    none. ``mask`` says which keys each query sees (``causal_mask``; None without ``past``:
+    plainly causal).
 
     With ``read`` (one index into ``resid_pre``'s positions per row) the block computes its
     keys and values at every position but everything else at the read positions alone, and
     returns ``[batch, 1, d_model]``: what a metric that reads one position needs from the last
     block. ``mask`` is then ``read_mask(read, ...)``, and the block must carry no hook
     (``hooks_free``).
+
+    On a GPU with Triton, attention is one kernel (``circuitkit.core.kernels.attention``) that
+    reads the earlier positions once per prompt; ``mask`` is then implied by ``past`` and
+    ``read``, and must be one of the two above.
     """
     cfg = block.cfg
     attn = block.attn
     batch, n_query, _ = resid_pre.shape
-    n_past = 0 if past is None else past[0].shape[1]
+    n_past = 0 if past is None else past.keys.shape[1]
     n_heads, d_head = cfg.n_heads, cfg.d_head
     n_kv = (weights.qkv.shape[0] // d_head - n_heads) // 2
 
@@ -206,26 +223,19 @@ def block_forward(
     if rotary:
         q = _hook(attn.hook_rot_q, attn.apply_rotary(q, n_past, None))
         k = attn.apply_rotary(k, n_past, None)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-    if rotary:
-        k = _hook(attn.hook_rot_k, k)
-    if n_kv != n_heads:
-        k = k.repeat_interleave(n_heads // n_kv, dim=2)
-        v = v.repeat_interleave(n_heads // n_kv, dim=2)
     if read is not None:
         rows = torch.arange(batch, device=q.device)
-        q, resid_pre, n_query = q[rows, read][:, None], resid_pre[rows, read][:, None], 1
-
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=1.0 / attn.attn_scale,
-    )
-    z = _hook(attn.hook_z, z.transpose(1, 2))
+        resid_pre, n_query = resid_pre[rows, read][:, None], 1
+    z = None
+    if _kernel_attention(block, q):
+        keys, values = (None, None) if past is None else (past.keys, past.values)
+        try:
+            z = kernels.attention(q, k, v, keys, values, 1.0 / attn.attn_scale, read)
+        except Exception as error:  # a Triton that cannot build the kernel for this GPU
+            kernels.set_aside(error)
+    if z is None:
+        z = _torch_attention(block, q, k, v, past, mask, read)
+    z = _hook(attn.hook_z, z)
     attn_out = F.linear(z.reshape(batch, n_query, n_heads * d_head), weights.out, attn.b_O)
     attn_out = _hook(block.hook_attn_out, attn_out)
 
@@ -235,6 +245,55 @@ def block_forward(
     mlp_in = _hook(block.hook_mlp_in, resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
     mlp_out = _hook(block.hook_mlp_out, _mlp(block.mlp, _norm(block.ln2, mlp_in)))
     return _hook(block.hook_resid_post, resid_mid + mlp_out)
+
+
+# Off only to measure what the attention kernel gains (benchmarks/bench_gpu.py).
+KERNEL_ATTENTION = True
+
+
+def _kernel_attention(block: TransformerBlock, q: Tensor) -> bool:
+    """Whether ``kernels.attention`` computes this block's attention: on a device it runs on,
+    and with no hook on the rotated keys (which see the earlier positions' keys joined to the
+    new ones, a tensor the kernel never makes)."""
+    if not KERNEL_ATTENTION or not kernels.available(q.device):
+        return False
+    rot_k = getattr(block.attn, "hook_rot_k", None)  # rotary models only
+    return not ((rot_k is not None and is_hooked(rot_k)) or _global_hooks())
+
+
+def _torch_attention(
+    block: TransformerBlock,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: Past | None,
+    mask: Tensor | None,
+    read: Tensor | None,
+) -> Tensor:
+    """Attention with PyTorch's kernels: the earlier keys and values repeated for every row and
+    joined to the new ones. Returns ``[batch, n_query, head, d_head]``."""
+    attn = block.attn
+    batch, _, n_heads, _ = q.shape
+    n_kv = k.shape[2]
+    if past is not None:
+        past_keys, past_values = past.repeated(batch)
+        k, v = torch.cat([past_keys, k], dim=1), torch.cat([past_values, v], dim=1)
+    if block.cfg.positional_embedding_type == "rotary":
+        k = _hook(attn.hook_rot_k, k)
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=2)
+        v = v.repeat_interleave(n_heads // n_kv, dim=2)
+    if read is not None:
+        q = q[torch.arange(batch, device=q.device), read][:, None]
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=1.0 / attn.attn_scale,
+    )
+    return z.transpose(1, 2)
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:

@@ -1030,9 +1030,6 @@ def _run_merged(
             c_merged += c
             group += 1
         merged = parts[0] if len(parts) == 1 else torch.cat(parts)
-        # the earlier positions' keys and values of this block serve no later block
-        for key in [key for key in base.prefixes if key[0] == layer]:
-            del base.prefixes[key]
     assert merged is not None
     return merged
 
@@ -1188,8 +1185,8 @@ class BaseRun:
     # each fused block's weights, laid out once per call (see ``circuitkit.core.blocks``); None for
     # blocks that run TransformerLens's forward
     block_weights: dict[int, blocks.BlockWeights | None] = field(default_factory=dict)
-    # the earlier positions' keys and values repeated for a chunk, by (layer, pos, runs)
-    prefixes: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # the earlier positions' keys and values of each prompt, by (layer, pos)
+    prefixes: dict[tuple[int, int], blocks.Past] = field(default_factory=dict)
     masks: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     # the unembedding laid out for aligned matrix products (see ``unembed_residual``)
     unembed: tuple[Tensor, Tensor] | None = None
@@ -1368,7 +1365,7 @@ def run_blocks(
         if weights is not None and blocks.skipped_hooks_free(block):
             at_read = read is not None and layer == stop - 1 and not alone
             at_read = at_read and blocks.hooks_free(block)
-            past = _prefix(base, block, layer, pos, c) if pos > 0 else None
+            past = _prefix(base, block, layer, pos) if pos > 0 else None
             if at_read:
                 mask = blocks.read_mask(read, pos, pos + residual.shape[1])
             else:
@@ -1407,19 +1404,17 @@ def run_blocks(
 _FUSED_BLOCKS = True
 
 
-def _prefix(
-    base: BaseRun, block: torch.nn.Module, layer: int, pos: int, c: int
-) -> tuple[Tensor, Tensor]:
-    """The base run's keys and values before ``pos`` in block ``layer``, for a chunk of c runs.
+def _prefix(base: BaseRun, block: torch.nn.Module, layer: int, pos: int) -> blocks.Past:
+    """The base run's keys and values before ``pos`` in block ``layer``, once per prompt.
 
     Chunks come position by position, so each is made once for all the chunks that start at
     ``pos``, and those of the previous position are let go."""
-    key = (layer, pos, c)
+    key = (layer, pos)
     if key not in base.prefixes:
         if base.prefixes and next(iter(base.prefixes))[1] != pos:
             base.prefixes.clear()
         keys, values = base.keys[layer][:, :pos], base.values[layer][:, :pos]
-        base.prefixes[key] = blocks.prefix(block, keys, values, c)
+        base.prefixes[key] = blocks.past(block, keys, values)
     return base.prefixes[key]
 
 
