@@ -98,8 +98,9 @@ def test_shared_sweep_equals_single_process(tmp_path):
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
     got = torch.load(out)
-    assert torch.equal(got["shared"], got["single"])
-    assert torch.equal(got["patching"], got["patching_single"])
+    # up to rounding: a process batches only its share of a position's runs together
+    torch.testing.assert_close(got["shared"], got["single"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["patching"], got["patching_single"], atol=1e-5, rtol=1e-5)
     # the runs really differ, so the comparison can fail
     assert got["single"].std(dim=0).min() > 1e-3
 
