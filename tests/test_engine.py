@@ -817,14 +817,18 @@ def test_huge_calls_are_refused_up_front(tiny_gpt2):
         record_activations(tiny_gpt2, base, _ManyRuns(10**9), [Resid(1)])
 
 
-def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch):
+@pytest.mark.parametrize("reads", ["two logits", "a softmax"])
+def test_budget_holds_the_base_runs_cached_activations(tiny_gpt2, monkeypatch, reads):
     base, cache, metric, positions, g = random_case(tiny_gpt2, 40)
     runs = random_runs(tiny_gpt2, cache, g, base.shape[1])
     n = base.shape[0]
+    if reads == "a softmax":  # reads every logit: the whole unembedding is laid out and kept
+        metric = Metric("logsumexp", metric.positions, lambda at: at.logsumexp(-1))
     with torch.no_grad():
         base_run = engine.base_run(tiny_gpt2, base)
-        final = base_run.resid[tiny_gpt2.cfg.n_layers]
-        engine.read_metric(tiny_gpt2, final, metric, 1, n, 0, base_run)  # lays out the unembedding
+        if reads == "a softmax":
+            final = base_run.resid[tiny_gpt2.cfg.n_layers]
+            engine.read_metric(tiny_gpt2, final, metric, 1, n, 0, base_run)  # lays it out
     kept = engine.kept_bytes(base_run)
     assert kept > 0
     budgets = []
@@ -900,3 +904,58 @@ def test_the_chunk_loop_never_waits_for_the_device(tiny_model, monkeypatch):
         tiny_model, base, runs, metric, positions=positions, reference=True, progress=False
     )
     assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def _column_metrics(model, n: int, g):
+    """Metrics at each example's last position: a difference of two logits, one logit per
+    example from a few, one that reads the whole vocabulary, and two whose gradient hides
+    what they read (an argmax; a logit compared with every other)."""
+    vocab = model.cfg.d_vocab
+    a, b = torch.randint(0, vocab, (2, n), generator=g)
+    few = torch.randint(0, vocab, (n, 3), generator=g)
+
+    def pick(logits_at, tokens):
+        index = tokens.to(logits_at.device).expand(*logits_at.shape[:-2], n)[..., None]
+        return logits_at.gather(-1, index)[..., 0]
+
+    return {
+        "difference": lambda at: pick(at, a) - pick(at, b),
+        # example i reads 1, 2 or 3 entries: a sum over its first (i % 3) + 1 of ``few``
+        "uneven": lambda at: sum(
+            torch.where(torch.arange(n, device=at.device) % 3 >= j, pick(at, few[:, j]), 0.0)
+            for j in range(3)
+        ),
+        "logprob": lambda at: pick(torch.log_softmax(at, -1), a),
+        "argmax": lambda at: at.argmax(-1).float(),
+        "beats the rest": lambda at: pick(at, a) - at.max(-1).values,
+    }
+
+
+@pytest.mark.parametrize("name", ["difference", "uneven", "logprob", "argmax", "beats the rest"])
+def test_metrics_of_a_few_logits_unembed_those_alone(tiny_model, monkeypatch, name):
+    """A ``Metric`` confirmed on the base run to read a few vocabulary entries gets the logits of
+    those alone, exactly; any other gets the whole vocabulary."""
+    base, cache, _, positions, g = random_case(tiny_model, 23)
+    n, n_pos = base.shape
+    fn = _column_metrics(tiny_model, n, g)[name]
+    metric = Metric(name, torch.full((n,), n_pos - 1), fn)
+    runs = random_runs(tiny_model, cache, g, n_pos)
+    chosen = []
+    column_metric = engine._column_metric
+
+    def spy(*args, **kwargs):
+        chosen.append(column_metric(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(engine, "_column_metric", spy)
+    fast = run_interventions(tiny_model, base, runs, metric, positions=positions, progress=False)
+    reference = run_interventions(
+        tiny_model, base, runs, metric, positions=positions, reference=True, progress=False
+    )
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    columns = name in ("difference", "uneven")
+    assert isinstance(chosen[0], engine._ColumnMetric) == columns
+    if columns:
+        assert chosen[0].columns.shape == (n, 2 if name == "difference" else 3)
+    if name != "argmax":
+        assert (reference - reference[:1]).abs().max() > 1e-3  # the runs differ

@@ -199,7 +199,10 @@ def run_interventions(
         # the base run is needed anyway; the metric on it fails before any chunk is computed
         base = base_run(model, tokens)
         if isinstance(metric, Metric):
-            read_metric(model, base.resid[model.cfg.n_layers], metric, 1, n, 0, base, where=where)
+            final = base.resid[model.cfg.n_layers]
+            logits = read_logits(model, final, metric, 1, n, 0, base)
+            values = metric_values(logits, metric, 1, n, where)
+            metric = _column_metric(model, metric, logits[0].float(), values[0], base)
         else:
             metric = _probed_metric(model, metric, base, n, where)
         compiled = _compile(model, tokens, runs_list, positions, where)
@@ -855,7 +858,7 @@ def _run_fast(
         metric = dataclasses.replace(metric, positions=metric.positions.to(device))
     # a metric that reads one position per example: the last block computes only those
     one_read = None
-    if isinstance(metric, Metric):
+    if isinstance(metric, (Metric, _ColumnMetric)):
         one_read = metric.positions
     elif isinstance(metric, _ProbedMetric) and metric.positions.shape[1] == 1:
         one_read = metric.positions[:, 0]
@@ -1472,10 +1475,11 @@ def read_logits(
     at_read: bool = False,
 ) -> Tensor:
     """The logits the metric reads in a chunk, from its final residual stream as for
-    ``read_metric``: ``[c, n, d_vocab]`` at a ``Metric``'s positions, ``[c, n, k, d_vocab]`` at
-    the k positions a probed callable reads, else the full ``[c, n, n_pos, d_vocab]``."""
+    ``read_metric``: ``[c, n, d_vocab]`` at a ``Metric``'s positions, ``[c, n, k]`` at the k
+    vocabulary entries of each example a ``_ColumnMetric`` reads there, ``[c, n, k, d_vocab]``
+    at the k positions a probed callable reads, else the full ``[c, n, n_pos, d_vocab]``."""
     final = base.resid[model.cfg.n_layers]
-    if isinstance(metric, (Metric, _ProbedMetric)):
+    if isinstance(metric, (Metric, _ProbedMetric, _ColumnMetric)):
         read = metric.positions.to(residual.device)
         read = (read[:, None] if read.ndim == 1 else read).repeat(c, 1)  # [c * n, k]
         rows = torch.arange(c * n, device=residual.device)[:, None]
@@ -1483,6 +1487,8 @@ def read_logits(
         patched = residual if at_read else residual[rows, (read - pos).clamp(min=0)]
         unchanged = final[rows % n, read]
         read_resid = torch.where((read >= pos)[..., None], patched, unchanged)
+        if isinstance(metric, _ColumnMetric):
+            return metric.logits(model, read_resid[:, 0].view(c, n, -1))
         logits = unembed_residual(model, read_resid, base)
         logits = logits.view(c, n, *logits.shape[1:])
         return logits[:, :, 0] if isinstance(metric, Metric) else logits
@@ -1502,7 +1508,7 @@ def metric_values(
     end of the call."""
     if isinstance(metric, _ProbedMetric):
         return metric.at(logits.float())
-    if isinstance(metric, Metric):
+    if isinstance(metric, (Metric, _ColumnMetric)):
         values = metric.at(logits.float())
         if not isinstance(values, Tensor) or values.numel() != c * n:
             if c == 1 or not isinstance(values, Tensor) or values.ndim == 0:
@@ -1513,6 +1519,96 @@ def metric_values(
             )
         return values
     return torch.stack([check_metric_values(metric(logits[k].float()), n, where) for k in range(c)])
+
+
+@dataclass(eq=False)
+class _ColumnMetric:
+    """A ``Metric`` confirmed to read only ``columns`` ([n, k]) of the vocabulary at its
+    positions (``_column_metric``): a logit difference reads two of 50,257.
+
+    ``logits`` computes the logits of those entries alone, ``[c, n, k]``: one matrix product of
+    the final norm's output with the unembedding's columns of every entry any example reads
+    (``weight``, ``bias``; ``inverse`` says which of them is each example's), in place of the
+    whole vocabulary's (a tenth of a GPT-2-small forward pass per run). ``at`` writes them into
+    ``buffer``, which holds NaN at every other entry, and calls the metric on it."""
+
+    metric: Metric
+    columns: Int[Tensor, "n k"]
+    inverse: Int[Tensor, "n k"]
+    weight: Float[Tensor, "u d_model"]
+    bias: Float[Tensor, " u"]
+    d_vocab: int
+    buffer: Tensor | None = None  # [c, n, d_vocab], float32, grown to the largest chunk
+
+    @property
+    def name(self) -> str:
+        return self.metric.name
+
+    @property
+    def positions(self) -> Int[Tensor, " n"]:
+        return self.metric.positions
+
+    def logits(
+        self, model: HookedTransformer, final: Float[Tensor, "c n d_model"]
+    ) -> Float[Tensor, "c n k"]:
+        if model.cfg.normalization_type is not None:
+            final = model.ln_final(final)
+        logits = torch.nn.functional.linear(final, self.weight, self.bias)  # [c, n, u]
+        logits = logits.gather(-1, self.inverse.expand(*final.shape[:2], -1))
+        return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+    def at(self, logits_at: Float[Tensor, "c n k"]) -> Float[Tensor, "c n"]:
+        c, n, k = logits_at.shape
+        if self.buffer is None or self.buffer.shape[0] < c:
+            # NaN off the columns; every chunk writes the same entries, so it stays so
+            size = (c, n, self.d_vocab)
+            self.buffer = torch.full(size, math.nan, device=logits_at.device)
+        buffer = self.buffer[:c]
+        buffer.scatter_(-1, self.columns.expand(c, n, k), logits_at)
+        return self.metric.at(buffer)
+
+
+def _column_metric(
+    model: HookedTransformer,
+    metric: Metric,
+    logits_at: Float[Tensor, "n d_vocab"],
+    values: Float[Tensor, " n"],
+    base: BaseRun,
+) -> Metric | _ColumnMetric:
+    """``metric`` as a ``_ColumnMetric`` when it is confirmed, on the base run's logits at its
+    positions (``logits_at``, where it gave ``values``), to read a few vocabulary entries of
+    each example; else ``metric`` itself, which then gets the logits of the whole vocabulary.
+
+    The entries are found and confirmed as ``_probed_metric`` finds and confirms positions:
+    where the metric's gradient is not zero, then exactly ``values`` with every other entry
+    random and again NaN."""
+    unembed = model.unembed
+    if any(blocks.is_hooked(point) for point in (unembed.hook_in, unembed.hook_out)):
+        return metric  # a hook there sees the whole unembedding
+    d_vocab = logits_at.shape[-1]
+
+    def on_entries(logits: Float[Tensor, "n d_vocab 1"]) -> Tensor:
+        return metric.at(logits[..., 0])
+
+    # the vocabulary as the axis the position probe searches
+    reads = _gradient_reads(on_entries, logits_at[:, :, None])
+    if reads is None:
+        return metric
+    counts = reads.sum(dim=1)
+    k = max(1, int(counts.max()))
+    order = torch.argsort((~reads).to(torch.int8), dim=1, stable=True)[:, :k]
+    # each example's entries in order, then its first one again as padding
+    padding = torch.arange(k, device=order.device)[None, :] >= counts[:, None]
+    columns = torch.where(padding, order[:, :1], order)
+    unique, inverse = torch.unique(columns, return_inverse=True)
+    if len(unique) > d_vocab // 16:  # as many as that cost about the whole unembedding
+        return metric
+    buffer = _confirmed_buffer(on_entries, logits_at[:, :, None], columns, values)
+    if buffer is None:
+        return metric
+    base.unembed = None  # the whole unembedding, laid out for the base run, is not needed
+    weight = unembed.W_U.T[unique].contiguous()
+    return _ColumnMetric(metric, columns, inverse, weight, unembed.b_U[unique], d_vocab)
 
 
 @dataclass(frozen=True, eq=False)
