@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from bench_gpu import ioi_shaped_data, llama_7b_shaped, sweep_flops
+from bench_gpu import answer_count, ioi_shaped_data, llama_7b_shaped, sweep_flops
 
 import circuitkit as ck
 
@@ -96,7 +96,7 @@ def main() -> None:
                 for _ in range(cfg.n_heads)
                 for p in range(args.pos)
             ]
-            flops = sweep_flops(model, args.prompts, args.pos, starts)
+            flops = sweep_flops(model, args.prompts, args.pos, starts, answer_count(metric))
             print(f"{flops:.3e} FLOP: {flops / seconds / 1e12:.1f} TFLOP/s over all processes")
             print(f"sweep: {seconds:.2f} s on {world} process(es)")
     finally:

@@ -20,7 +20,9 @@ One command on a GPU machine measures, in one process:
   time, and when the host had queued its last chunk (a host that finishes queueing just before
   the GPU finishes computing is what keeps the GPU idle: launch overhead);
 - with ``--unfused``, the head x position sweep with TransformerLens's own blocks in the
-  engine, to show what fusing them gains.
+  engine, to show what fusing them gains;
+- with ``--no-kernel``, the head x position sweep with PyTorch's attention in place of the
+  attention kernel (``circuitkit.core.kernels``), to show what the kernel gains.
 
 The Llama-7B-shaped sweep on one or more GPUs is ``benchmarks/bench_distributed.py``.
 
@@ -48,7 +50,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit.core import engine
+from circuitkit.core import blocks, engine
 from circuitkit.core.metrics import Metric
 
 MODES = ("float32", "tf32", "bfloat16")
@@ -103,7 +105,8 @@ def llama_7b_shaped(device: str, n_layers: int = 32) -> HookedTransformer:
 
 def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, Metric]:
     """Random prompts; the corrupted ones differ in four positions (the names of an IOI prompt).
-    The metric is a logit difference between two random tokens at the last position."""
+    The metric is a logit difference between two random tokens at the last position (the
+    engine unembeds those tokens alone: ``answer_count`` of them)."""
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, vocab, (n, n_pos), generator=g)
     corrupted = clean.clone()
@@ -119,7 +122,15 @@ def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch
 
         return at(right) - at(wrong)
 
-    return clean, corrupted, Metric("logit_diff", torch.full((n,), n_pos - 1), logit_diff)
+    metric = Metric("logit_diff", torch.full((n,), n_pos - 1), logit_diff)
+    metric.fn.answers = torch.cat([right, wrong])  # type: ignore[attr-defined]
+    return clean, corrupted, metric
+
+
+def answer_count(metric: Metric) -> int:
+    """How many vocabulary entries the benchmarks' logit difference reads, over all examples:
+    the engine unembeds those alone."""
+    return int(metric.fn.answers.unique().numel())  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +138,21 @@ def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch
 
 
 def run_flops(
-    cfg, n: int, n_pos: int, layer: int, pos: int, *, alone: bool = False, read: bool = False
+    cfg,
+    n: int,
+    n_pos: int,
+    layer: int,
+    pos: int,
+    *,
+    alone: bool = False,
+    read: bool = False,
+    vocab: int | None = None,
 ) -> float:
     """Floating-point operations of one run as the engine computes it: blocks ``layer`` on at
     positions ``pos`` on (matrix products and attention); block ``layer`` at position ``pos``
     alone when ``alone``; the last block's keys and values at every position but the rest at
     the read position (the last) alone when ``read``; then the unembedding at the read
-    position."""
+    position, of ``vocab`` vocabulary entries (default: all of them)."""
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     width = cfg.n_heads * cfg.d_head
     keys_values = 2 * cfg.d_model * 2 * n_kv * cfg.d_head  # per position
@@ -151,13 +170,15 @@ def run_flops(
         # scores and pattern @ values: the query at position t reads t + 1 keys
         attention = sum(4 * width * (t + 1) for t in queries)
         total += n * (computed * keys_values + len(queries) * rest + attention)
-    return total + n * 2 * cfg.d_model * cfg.d_vocab
+    return total + n * 2 * cfg.d_model * (cfg.d_vocab if vocab is None else vocab)
 
 
-def sweep_flops(model: HookedTransformer, n: int, n_pos: int, starts: list[tuple]) -> float:
-    """``starts``: (layer, pos, alone, read) of each run."""
+def sweep_flops(
+    model: HookedTransformer, n: int, n_pos: int, starts: list[tuple], vocab: int | None = None
+) -> float:
+    """``starts``: (layer, pos, alone, read) of each run; ``vocab`` as for ``run_flops``."""
     return sum(
-        run_flops(model.cfg, n, n_pos, layer, pos, alone=alone, read=read)
+        run_flops(model.cfg, n, n_pos, layer, pos, alone=alone, read=read, vocab=vocab)
         for layer, pos, alone, read in starts
     )
 
@@ -365,6 +386,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--profile", action="store_true", help="profile the patching sweeps")
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
+    parser.add_argument(
+        "--no-kernel", action="store_true", help="also the engine without its attention kernel"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args()
@@ -488,7 +512,7 @@ def main() -> None:
     for sweep, (ck_call, ref_name, ref_call, starts) in sweeps.items():
         ref_seconds, expected = timed(ref_call, device)
         references[sweep] = (ref_seconds, expected)
-        flops = sweep_flops(model32, n, n_pos, starts)
+        flops = sweep_flops(model32, n, n_pos, starts, vocab=answer_count(metric))
         for mode in args.modes:
             model = models[mode]
             try:
@@ -520,6 +544,31 @@ def main() -> None:
             print(row.line() + (f" | {limit_of(profile)}" if profile else ""), flush=True)
             if profile:
                 print("    profile: " + json.dumps({k: round(v, 3) for k, v in profile.items()}))
+        if args.no_kernel and sweep == "head x pos":
+            blocks.KERNEL_ATTENTION = False
+            try:
+                for mode in args.modes:
+                    with mode_context(mode):
+                        ck_call(models[mode])  # warm-up
+                        seconds, values = timed(
+                            functools.partial(ck_call, models[mode]), device, args.repeats
+                        )
+                    difference = (values.float().cpu() - expected).abs().max().item()
+                    row = Row(
+                        sweep + " (no kernel)",
+                        mode,
+                        len(starts),
+                        seconds,
+                        ref_seconds,
+                        ref_name,
+                        difference,
+                        flops,
+                        ceilings.get(mode),
+                    )
+                    rows.append(row)
+                    print(row.line(), flush=True)
+            finally:
+                blocks.KERNEL_ATTENTION = True
         if args.unfused and sweep == "head x pos":
             engine._FUSED_BLOCKS = False
             try:

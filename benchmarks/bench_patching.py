@@ -68,7 +68,10 @@ def gpt2_small_shaped(device: str, dtype: torch.dtype, n_layers: int) -> HookedT
     return HookedTransformer(cfg).eval()
 
 
-def logit_diff_metric(n: int, n_pos: int, vocab: int, generator: torch.Generator) -> Metric:
+def logit_diff_metric(
+    n: int, n_pos: int, vocab: int, generator: torch.Generator
+) -> tuple[Metric, torch.Tensor]:
+    """The metric, and the tokens it reads (the engine unembeds those alone)."""
     right, wrong = torch.randint(0, vocab, (2, n), generator=generator)
 
     def fn(logits_at: torch.Tensor) -> torch.Tensor:
@@ -76,21 +79,22 @@ def logit_diff_metric(n: int, n_pos: int, vocab: int, generator: torch.Generator
         pick = lambda t: logits_at.gather(-1, t.to(logits_at.device).expand(*lead, n)[..., None])  # noqa: E731
         return (pick(right) - pick(wrong))[..., 0]
 
-    return Metric("logit_diff", torch.full((n,), n_pos - 1), fn)
+    return Metric("logit_diff", torch.full((n,), n_pos - 1), fn), torch.cat([right, wrong])
 
 
 def work(
-    model: HookedTransformer, n: int, n_pos: int, units: int, alone: bool
+    model: HookedTransformer, n: int, n_pos: int, units: int, alone: bool, answers: torch.Tensor
 ) -> tuple[float, float]:
     """Floating-point operations of a by-layer-and-position sweep with ``units`` patches per
-    layer and position: as the engine computes it, and as transformer_lens.patching does (a
-    whole forward per patch, logits at every position)."""
+    layer and position: as the engine computes it (unembedding only the ``answers`` tokens the
+    metric reads), and as transformer_lens.patching does (a whole forward per patch, logits at
+    every position)."""
     cfg = model.cfg
     last = cfg.n_layers - 1
     starts = [
         (layer, pos, alone, layer < last) for layer in range(cfg.n_layers) for pos in range(n_pos)
     ]
-    engine = units * sweep_flops(model, n, n_pos, starts)
+    engine = units * sweep_flops(model, n, n_pos, starts, vocab=int(answers.unique().numel()))
     forward = run_flops(cfg, n, n_pos, 0, 0) + n * (n_pos - 1) * 2 * cfg.d_model * cfg.d_vocab
     return engine, cfg.n_layers * n_pos * units * forward
 
@@ -102,19 +106,22 @@ def synchronize(device: str) -> None:
 
 def benchmark_inputs(
     name: str, args: argparse.Namespace, dtype: torch.dtype
-) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, Metric]:
-    """The model, clean and corrupted tokens and the metric of one benchmark model."""
+) -> tuple[HookedTransformer, torch.Tensor, torch.Tensor, Metric, torch.Tensor]:
+    """The model, clean and corrupted tokens, the metric and the tokens it reads, of one
+    benchmark model."""
     if name == "smollm2-135m":
         model = ck.load_model("smollm2-135m", device=args.device, dtype=dtype)
         ds = ck.IOIDataset(model, n=args.n, seed=0)
         abc = ds.corrupted("ABC")
-        return model, ds.tokens, abc.tokens, ck.metrics.logit_diff(ds)
+        answers = torch.cat([ds.io_tokens, ds.s_tokens])
+        return model, ds.tokens, abc.tokens, ck.metrics.logit_diff(ds), answers
     model = gpt2_small_shaped(args.device, dtype, args.layers)
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, model.cfg.d_vocab, (args.n, args.pos), generator=g)
     corrupted = clean.clone()
     corrupted[:, 2:6] = torch.randint(0, model.cfg.d_vocab, (args.n, 4), generator=g)
-    return model, clean, corrupted, logit_diff_metric(args.n, args.pos, model.cfg.d_vocab, g)
+    metric, answers = logit_diff_metric(args.n, args.pos, model.cfg.d_vocab, g)
+    return model, clean, corrupted, metric, answers
 
 
 def transformer_lens_sweep(model, tl_fn, corrupted, clean_cache, tl_metric, result, sample):
@@ -156,7 +163,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     total_ck = total_tl = 0.0
     for model_name in args.models:
-        model, clean, corrupted, metric = benchmark_inputs(model_name, args, dtype)
+        model, clean, corrupted, metric, answers = benchmark_inputs(model_name, args, dtype)
         tl_metric = lambda logits, metric=metric: metric(logits).mean()  # noqa: E731
         cfg = model.cfg
         n, n_pos = clean.shape
@@ -205,7 +212,7 @@ def main() -> None:
                 flush=True,
             )
             units = patches // (cfg.n_layers * n_pos)  # patches per layer and position
-            ck_flop, tl_flop = work(model, n, n_pos, units, alone)
+            ck_flop, tl_flop = work(model, n, n_pos, units, alone, answers)
             print(
                 f"{'':>5}   work: circuitkit {ck_flop / 1e12:.2f} TFLOP, transformer_lens "
                 f"{tl_flop / 1e12:.2f} TFLOP ({tl_flop / ck_flop:.1f}x as much); speed: "

@@ -18,6 +18,13 @@ Fast path (the default):
 - A ``Metric`` reads one position per example, so only the final residual stream at those
   positions is normalised and unembedded, not the full ``[batch, pos, d_vocab]`` logits, and
   the last block computes its queries, attention output and MLP at those positions alone.
+- A ``Metric`` that reads a few vocabulary entries there (a logit difference reads two) is
+  found to, on the base run, as positions are for plain callables below: where its gradient
+  with respect to the logits is not zero, confirmed by exactly the same values with every
+  other entry random and then NaN. Each run then unembeds those entries alone (the
+  unembedding's columns of every entry any example reads) and the metric gets them in a logits
+  tensor that holds NaN everywhere else; a metric that reads the whole vocabulary (a softmax)
+  gets all of it.
 - A plain callable metric is probed once, on the base run, for the positions it reads: those
   where its gradient with respect to the logits is not zero. The probe is then confirmed: the
   metric must give exactly its values on the base logits when every other position holds NaN,
@@ -30,7 +37,9 @@ Fast path (the default):
   output at one position, say) changes that layer's output at that position alone: the layer
   is computed there alone, and its later positions are the base run's.
 - Blocks run fused where ``circuitkit.core.blocks`` can compute them (fewer passes over memory,
-  the same hook points); others run TransformerLens's forward.
+  the same hook points); others run TransformerLens's forward. On a GPU with Triton their
+  attention is one kernel (``circuitkit.core.kernels``) that reads the earlier positions' keys
+  and values once per prompt, where the base run left them.
 - The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
   one Python call per run.
 - The metric is called after the chunk's hooks are removed, as in the reference path: a metric
