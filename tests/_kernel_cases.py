@@ -8,6 +8,8 @@ interpreter, which must be on (``TRITON_INTERPRET=1``) before Triton is first im
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _device import DEVICE, assert_close
@@ -206,3 +208,43 @@ def test_a_kernel_that_fails_is_set_aside(kernel, monkeypatch):
     assert not kernel.available(torch.device(DEVICE))
     reference = run_interventions(model, base, runs, metric, reference=True, progress=False)
     assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_computes_something_else_is_set_aside(kernel, monkeypatch):
+    """A kernel that builds but computes something else (a Triton or GPU it was never run on):
+    its first output of a configuration is compared with PyTorch's attention, and the
+    disagreement sets it aside with one warning, before it changes any result."""
+    model = build_tiny("llama", n_layers=2, tokenizer=False).to(DEVICE)
+    base, runs, metric = _sweep(model, "head", seed=4)
+    monkeypatch.setattr(kernel, "_failure", None)
+    monkeypatch.setattr(kernel, "_confirmed", set())
+    original = kernel.attention
+    monkeypatch.setattr(kernel, "attention", lambda *a, **k: original(*a, **k).flip(0))
+    with pytest.warns(RuntimeWarning, match="differs from PyTorch's attention") as caught:
+        fast = run_interventions(model, base, runs, metric, progress=False)
+    assert len(caught) == 1
+    assert not kernel.available(torch.device(DEVICE))
+    reference = run_interventions(model, base, runs, metric, reference=True, progress=False)
+    assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_each_configuration_is_confirmed_once(kernel, monkeypatch):
+    model = build_tiny("gpt2", n_layers=2, tokenizer=False).to(DEVICE)
+    base, runs, metric = _sweep(model, "head", seed=6)
+    monkeypatch.setattr(kernel, "_failure", None)
+    monkeypatch.setattr(kernel, "_confirmed", set())
+    checks = []
+    confirm = kernel.confirm
+
+    def counted(*args, **kwargs):
+        checks.append(kernel.configuration(*args[:3]))
+        return confirm(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "confirm", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_interventions(model, base, runs, metric, progress=False)
+        run_interventions(model, base, runs, metric, progress=False)
+    # the blocks that compute every new position, and the last one at the read position
+    assert len(checks) == len(set(checks)) == 2
+    assert kernel._confirmed == set(checks)

@@ -233,6 +233,10 @@ def block_forward(
             z = kernels.attention(q, k, v, keys, values, 1.0 / attn.attn_scale, read)
         except Exception as error:  # a Triton that cannot build the kernel for this GPU
             kernels.set_aside(error)
+        else:
+            if not kernels.confirmed(q, k, read):
+                expected = _torch_attention(block, q, k, v, past, mask, read)
+                z = kernels.confirm(q, k, read, z, expected)
     if z is None:
         z = _torch_attention(block, q, k, v, past, mask, read)
     z = _hook(attn.hook_z, z)

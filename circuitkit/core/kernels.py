@@ -12,7 +12,9 @@ prompt ``r % n`` and the new positions up to ``i``.
 
 It computes in float32 with plain (IEEE) products and sums whatever the inputs' dtype, and
 writes the output in the inputs' dtype; ``attention_reference`` is the same function written
-with PyTorch operations, which the tests compare it against.
+with PyTorch operations, which the tests compare it against. In use, the first output of each
+configuration in a process is also compared with PyTorch's attention (``confirm``), and a
+kernel that fails to build or disagrees is set aside for PyTorch's, with a warning.
 
 Triton compiles for NVIDIA GPUs; ``available`` says whether a tensor's device can run it (with
 ``TRITON_INTERPRET=1`` set before this module is imported, Triton's interpreter runs it on the
@@ -39,6 +41,9 @@ INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 _BLOCK_Q, _BLOCK_K = 4, 16
 # why the kernel failed to compile or launch in this process, if it did (``set_aside``)
 _failure: str | None = None
+# the configurations (device, dtype, heads, d_head, read or not) whose first output agreed with
+# PyTorch's attention in this process (``confirm``)
+_confirmed: set[tuple] = set()
 
 
 def available(device: torch.device) -> bool:
@@ -58,6 +63,36 @@ def set_aside(error: Exception) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def configuration(q: Tensor, k: Tensor, read: Tensor | None) -> tuple:
+    """What the kernel is compiled for: one check by ``confirm`` covers every call with it."""
+    return (q.device, q.dtype, q.shape[2], k.shape[2], q.shape[3], read is None)
+
+
+def confirmed(q: Tensor, k: Tensor, read: Tensor | None) -> bool:
+    return configuration(q, k, read) in _confirmed
+
+
+def confirm(q: Tensor, k: Tensor, read: Tensor | None, got: Tensor, expected: Tensor) -> Tensor:
+    """The kernel's first output of a configuration, checked against PyTorch's attention on the
+    same inputs (``expected``): a Triton or GPU on which the kernel compiles but computes
+    something else must not change a result. Agreement to rounding (float32 inside the kernel;
+    TF32 or bfloat16 in PyTorch's) confirms the configuration; otherwise the kernel is set
+    aside and ``expected`` is returned. Reading the difference waits for the device, once per
+    configuration and process."""
+    scale = float(expected.abs().max()) + 1e-3
+    error = float((got.float() - expected.float()).abs().max())
+    if error <= 0.05 * scale:  # wrong indexing or masking gives errors of the outputs' size
+        _confirmed.add(configuration(q, k, read))
+        return got
+    set_aside(
+        ValueError(
+            f"its output differs from PyTorch's attention by {error:.3g} (outputs up to "
+            f"{scale:.3g}) for {tuple(q.shape)} queries in {q.dtype} on {q.device}"
+        )
+    )
+    return expected
 
 
 def attention(
