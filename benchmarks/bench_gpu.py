@@ -20,9 +20,7 @@ One command on a GPU machine measures, in one process:
   time, and when the host had queued its last chunk (a host that finishes queueing just before
   the GPU finishes computing is what keeps the GPU idle: launch overhead);
 - with ``--unfused``, the head x position sweep with TransformerLens's own blocks in the
-  engine, to show what fusing them gains;
-- with ``--no-kernel``, the head x position sweep with PyTorch's attention in place of the
-  attention kernel (``circuitkit.core.kernels``), to show what the kernel gains.
+  engine, to show what fusing them gains.
 
 The Llama-7B-shaped sweep on one or more GPUs is ``benchmarks/bench_distributed.py``.
 
@@ -50,7 +48,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 import circuitkit as ck
-from circuitkit.core import blocks, engine
+from circuitkit.core import engine
 from circuitkit.core.metrics import Metric
 
 MODES = ("float32", "tf32", "bfloat16")
@@ -386,9 +384,6 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--profile", action="store_true", help="profile the patching sweeps")
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
-    parser.add_argument(
-        "--no-kernel", action="store_true", help="also the engine without its attention kernel"
-    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args()
@@ -544,31 +539,6 @@ def main() -> None:
             print(row.line() + (f" | {limit_of(profile)}" if profile else ""), flush=True)
             if profile:
                 print("    profile: " + json.dumps({k: round(v, 3) for k, v in profile.items()}))
-        if args.no_kernel and sweep == "head x pos":
-            blocks.KERNEL_ATTENTION = False
-            try:
-                for mode in args.modes:
-                    with mode_context(mode):
-                        ck_call(models[mode])  # warm-up
-                        seconds, values = timed(
-                            functools.partial(ck_call, models[mode]), device, args.repeats
-                        )
-                    difference = (values.float().cpu() - expected).abs().max().item()
-                    row = Row(
-                        sweep + " (no kernel)",
-                        mode,
-                        len(starts),
-                        seconds,
-                        ref_seconds,
-                        ref_name,
-                        difference,
-                        flops,
-                        ceilings.get(mode),
-                    )
-                    rows.append(row)
-                    print(row.line(), flush=True)
-            finally:
-                blocks.KERNEL_ATTENTION = True
         if args.unfused and sweep == "head x pos":
             engine._FUSED_BLOCKS = False
             try:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from circuitkit.core import kernels
 from circuitkit.core.lens import (
     MLP,
     POST_NORM_ARCHITECTURES,
@@ -200,10 +199,6 @@ def block_forward(
     returns ``[batch, 1, d_model]``: what a metric that reads one position needs from the last
     block. ``mask`` is then ``read_mask(read, ...)``, and the block must carry no hook
     (``hooks_free``).
-
-    On a GPU with Triton, attention is one kernel (``circuitkit.core.kernels.attention``) that
-    reads the earlier positions once per prompt; ``mask`` is then implied by ``past`` and
-    ``read``, and must be one of the two above.
     """
     cfg = block.cfg
     attn = block.attn
@@ -226,19 +221,7 @@ def block_forward(
     if read is not None:
         rows = torch.arange(batch, device=q.device)
         resid_pre, n_query = resid_pre[rows, read][:, None], 1
-    z = None
-    if _kernel_attention(block, q):
-        keys, values = (None, None) if past is None else (past.keys, past.values)
-        try:
-            z = kernels.attention(q, k, v, keys, values, 1.0 / attn.attn_scale, read)
-        except Exception as error:  # a Triton that cannot build the kernel for this GPU
-            kernels.set_aside(error)
-        else:
-            if not kernels.confirmed(q, k, read):
-                expected = _torch_attention(block, q, k, v, past, mask, read)
-                z = kernels.confirm(q, k, read, z, expected)
-    if z is None:
-        z = _torch_attention(block, q, k, v, past, mask, read)
+    z = _attention(block, q, k, v, past, mask, read)
     z = _hook(attn.hook_z, z)
     attn_out = F.linear(z.reshape(batch, n_query, n_heads * d_head), weights.out, attn.b_O)
     attn_out = _hook(block.hook_attn_out, attn_out)
@@ -251,21 +234,7 @@ def block_forward(
     return _hook(block.hook_resid_post, resid_mid + mlp_out)
 
 
-# Off only to measure what the attention kernel gains (benchmarks/bench_gpu.py).
-KERNEL_ATTENTION = True
-
-
-def _kernel_attention(block: TransformerBlock, q: Tensor) -> bool:
-    """Whether ``kernels.attention`` computes this block's attention: on a device it runs on,
-    and with no hook on the rotated keys (which see the earlier positions' keys joined to the
-    new ones, a tensor the kernel never makes)."""
-    if not KERNEL_ATTENTION or not kernels.available(q.device):
-        return False
-    rot_k = getattr(block.attn, "hook_rot_k", None)  # rotary models only
-    return not ((rot_k is not None and is_hooked(rot_k)) or _global_hooks())
-
-
-def _torch_attention(
+def _attention(
     block: TransformerBlock,
     q: Tensor,
     k: Tensor,
@@ -274,8 +243,8 @@ def _torch_attention(
     mask: Tensor | None,
     read: Tensor | None,
 ) -> Tensor:
-    """Attention with PyTorch's kernels: the earlier keys and values repeated for every row and
-    joined to the new ones. Returns ``[batch, n_query, head, d_head]``."""
+    """Attention of the new positions' queries over the earlier positions' keys and values
+    (repeated for every row) joined to the new ones. Returns ``[batch, n_query, head, d_head]``."""
     attn = block.attn
     batch, _, n_heads, _ = q.shape
     n_kv = k.shape[2]

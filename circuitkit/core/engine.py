@@ -37,9 +37,7 @@ Fast path (the default):
   output at one position, say) changes that layer's output at that position alone: the layer
   is computed there alone, and its later positions are the base run's.
 - Blocks run fused where ``circuitkit.core.blocks`` can compute them (fewer passes over memory,
-  the same hook points); others run TransformerLens's forward. On a GPU with Triton their
-  attention is one kernel (``circuitkit.core.kernels``) that reads the earlier positions' keys
-  and values once per prompt, where the base run left them.
+  the same hook points); others run TransformerLens's forward.
 - The hooks apply a whole chunk's interventions at once with ``torch.where`` over masks, not
   one Python call per run.
 - The metric is called after the chunk's hooks are removed, as in the reference path: a metric
@@ -865,6 +863,8 @@ def _run_fast(
     starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
     if isinstance(metric, Metric):  # read positions on the device once, not once per chunk
         metric = dataclasses.replace(metric, positions=metric.positions.to(device))
+    elif isinstance(metric, _ColumnMetric):
+        metric.metric = dataclasses.replace(metric.metric, positions=metric.positions.to(device))
     # a metric that reads one position per example: the last block computes only those
     one_read = None
     if isinstance(metric, (Metric, _ColumnMetric)):
