@@ -863,8 +863,6 @@ def _run_fast(
     starts = [_start_of(model, items, n_pos, base.reuses_prefix) for items in compiled]
     if isinstance(metric, Metric):  # read positions on the device once, not once per chunk
         metric = dataclasses.replace(metric, positions=metric.positions.to(device))
-    elif isinstance(metric, _ColumnMetric):
-        metric.metric = dataclasses.replace(metric.metric, positions=metric.positions.to(device))
     # a metric that reads one position per example: the last block computes only those
     one_read = None
     if isinstance(metric, (Metric, _ColumnMetric)):
@@ -1617,6 +1615,8 @@ def _column_metric(
         return metric
     base.unembed = None  # the whole unembedding, laid out for the base run, is not needed
     weight = unembed.W_U.T[unique].contiguous()
+    # read positions on the device once, not once per chunk
+    metric = dataclasses.replace(metric, positions=metric.positions.to(logits_at.device))
     return _ColumnMetric(metric, columns, inverse, weight, unembed.b_U[unique], d_vocab)
 
 
