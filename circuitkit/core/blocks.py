@@ -218,11 +218,27 @@ def block_forward(
     if rotary:
         q = _hook(attn.hook_rot_q, attn.apply_rotary(q, n_past, None))
         k = attn.apply_rotary(k, n_past, None)
+    if past is not None:
+        past_keys, past_values = past.repeated(batch)
+        k, v = torch.cat([past_keys, k], dim=1), torch.cat([past_values, v], dim=1)
+    if rotary:
+        k = _hook(attn.hook_rot_k, k)
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=2)
+        v = v.repeat_interleave(n_heads // n_kv, dim=2)
     if read is not None:
         rows = torch.arange(batch, device=q.device)
-        resid_pre, n_query = resid_pre[rows, read][:, None], 1
-    z = _attention(block, q, k, v, past, mask, read)
-    z = _hook(attn.hook_z, z)
+        q, resid_pre, n_query = q[rows, read][:, None], resid_pre[rows, read][:, None], 1
+
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=1.0 / attn.attn_scale,
+    )
+    z = _hook(attn.hook_z, z.transpose(1, 2))
     attn_out = F.linear(z.reshape(batch, n_query, n_heads * d_head), weights.out, attn.b_O)
     attn_out = _hook(block.hook_attn_out, attn_out)
 
@@ -232,41 +248,6 @@ def block_forward(
     mlp_in = _hook(block.hook_mlp_in, resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
     mlp_out = _hook(block.hook_mlp_out, _mlp(block.mlp, _norm(block.ln2, mlp_in)))
     return _hook(block.hook_resid_post, resid_mid + mlp_out)
-
-
-def _attention(
-    block: TransformerBlock,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    past: Past | None,
-    mask: Tensor | None,
-    read: Tensor | None,
-) -> Tensor:
-    """Attention of the new positions' queries over the earlier positions' keys and values
-    (repeated for every row) joined to the new ones. Returns ``[batch, n_query, head, d_head]``."""
-    attn = block.attn
-    batch, _, n_heads, _ = q.shape
-    n_kv = k.shape[2]
-    if past is not None:
-        past_keys, past_values = past.repeated(batch)
-        k, v = torch.cat([past_keys, k], dim=1), torch.cat([past_values, v], dim=1)
-    if block.cfg.positional_embedding_type == "rotary":
-        k = _hook(attn.hook_rot_k, k)
-    if n_kv != n_heads:
-        k = k.repeat_interleave(n_heads // n_kv, dim=2)
-        v = v.repeat_interleave(n_heads // n_kv, dim=2)
-    if read is not None:
-        q = q[torch.arange(batch, device=q.device), read][:, None]
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=1.0 / attn.attn_scale,
-    )
-    return z.transpose(1, 2)
 
 
 def _norm(norm: nn.Module, x: Tensor) -> Tensor:
