@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from bench_gpu import answer_count, ioi_shaped_data, llama_7b_shaped, sweep_flops
+from bench_gpu import ioi_shaped_data, llama_7b_shaped, sweep_flops
 
 import circuitkit as ck
 
@@ -50,7 +50,9 @@ def main() -> None:
             model = llama_7b_shaped(device)
         else:
             model = ck.tiny_model("llama", tokenizer=False, n_layers=4).to(device)
-        clean, corrupted, metric = ioi_shaped_data(args.prompts, args.pos, model.cfg.d_vocab)
+        clean, corrupted, metric, answers = ioi_shaped_data(
+            args.prompts, args.pos, model.cfg.d_vocab
+        )
         budget = int(args.budget * 2**30)  # the same everywhere, so chunks are the same
 
         def sweep(distributed: bool, positions=None) -> torch.Tensor:
@@ -96,7 +98,7 @@ def main() -> None:
                 for _ in range(cfg.n_heads)
                 for p in range(args.pos)
             ]
-            flops = sweep_flops(model, args.prompts, args.pos, starts, answer_count(metric))
+            flops = sweep_flops(model, args.prompts, args.pos, starts, answers.unique().numel())
             print(f"{flops:.3e} FLOP: {flops / seconds / 1e12:.1f} TFLOP/s over all processes")
             print(f"sweep: {seconds:.2f} s on {world} process(es)")
     finally:

@@ -101,10 +101,12 @@ def llama_7b_shaped(device: str, n_layers: int = 32) -> HookedTransformer:
         return HookedTransformer(cfg).eval()
 
 
-def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, Metric]:
+def ioi_shaped_data(
+    n: int, n_pos: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, Metric, torch.Tensor]:
     """Random prompts; the corrupted ones differ in four positions (the names of an IOI prompt).
-    The metric is a logit difference between two random tokens at the last position (the
-    engine unembeds those tokens alone: ``answer_count`` of them)."""
+    The metric is a logit difference between two random tokens at the last position; the last
+    value is those tokens, which the engine alone unembeds."""
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, vocab, (n, n_pos), generator=g)
     corrupted = clean.clone()
@@ -121,14 +123,7 @@ def ioi_shaped_data(n: int, n_pos: int, vocab: int) -> tuple[torch.Tensor, torch
         return at(right) - at(wrong)
 
     metric = Metric("logit_diff", torch.full((n,), n_pos - 1), logit_diff)
-    metric.fn.answers = torch.cat([right, wrong])  # type: ignore[attr-defined]
-    return clean, corrupted, metric
-
-
-def answer_count(metric: Metric) -> int:
-    """How many vocabulary entries the benchmarks' logit difference reads, over all examples:
-    the engine unembeds those alone."""
-    return int(metric.fn.answers.unique().numel())  # type: ignore[attr-defined]
+    return clean, corrupted, metric, torch.cat([right, wrong])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +413,7 @@ def main() -> None:
     models = {"float32": model32, "tf32": model32}
     if "bfloat16" in args.modes:
         models["bfloat16"] = gpt2_small_shaped(device, args.layers).to(torch.bfloat16)
-    clean, corrupted, metric = ioi_shaped_data(args.n, args.pos, model32.cfg.d_vocab)
+    clean, corrupted, metric, answers = ioi_shaped_data(args.n, args.pos, model32.cfg.d_vocab)
     tl_metric = lambda logits: metric(logits).mean()  # noqa: E731
     n, n_pos, n_layers, n_heads = args.n, args.pos, args.layers, 12
 
@@ -507,7 +502,7 @@ def main() -> None:
     for sweep, (ck_call, ref_name, ref_call, starts) in sweeps.items():
         ref_seconds, expected = timed(ref_call, device)
         references[sweep] = (ref_seconds, expected)
-        flops = sweep_flops(model32, n, n_pos, starts, vocab=answer_count(metric))
+        flops = sweep_flops(model32, n, n_pos, starts, vocab=answers.unique().numel())
         for mode in args.modes:
             model = models[mode]
             try:
