@@ -193,6 +193,16 @@ def test_equals_transformer_lens_on_smollm(smollm):
         got = result.values[cells[:, 0], cells[:, 1]]
         assert_close(got, expected.float(), atol=1e-4, rtol=0)
         assert result.values.std() > 1e-3
+        # the metric as most users write it: the engine probes what it reads (the last
+        # position, two vocabulary entries) and computes those logits alone
+        plain = lambda logits: metric.fn(logits[:, -1])  # noqa: E731
+        as_lambda = ck.activation_patching(
+            smollm, clean, corrupted, kind, plain, per_position=kind == "attn", progress=False
+        )
+        assert_close(
+            as_lambda.values[cells[:, 0], cells[:, 1]], expected.float(), atol=1e-4, rtol=0
+        )
+        assert_close(as_lambda.values, result.values, atol=1e-5, rtol=0)
     layers = ck.activation_patching(
         smollm, clean, corrupted, "resid_pre", metric, positions=[0, 3, 7], progress=False
     )

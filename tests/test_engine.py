@@ -613,38 +613,70 @@ def plain_metrics(model, base, metric):
             logits[:, 1, a] + logits[:, 3].log_softmax(-1)[:, b] - logits[:, -1].logsumexp(-1)
         ),
         "per_example_several": lambda logits: logits[rows, read, a] + logits[rows, read - 1, b],
+        "every_position": lambda logits: (logits[:, :, a] - logits[:, :, b]).mean(dim=1),
     }
 
 
+# what each plain metric reads: positions per example, and vocabulary entries at each of them
+# (None: the whole vocabulary, which a softmax reads)
+PLAIN_READS = {
+    "last": (1, 2),
+    "per_example": (1, 2),
+    "several": (3, None),
+    "per_example_several": (2, 1),
+    "every_position": ("all", 2),
+}
+
+
 def _unembedded_positions(monkeypatch):
-    """The number of positions of each residual stream the engine unembeds."""
+    """The number of positions of each residual stream the engine unembeds whole."""
     counts = []
     unembed = engine.unembed_residual
 
     def counted(model, residual, base=None):
-        counts.append(residual.shape[1])
+        counts.append(residual.shape[-2])
         return unembed(model, residual, base)
 
     monkeypatch.setattr(engine, "unembed_residual", counted)
     return counts
 
 
-@pytest.mark.parametrize("kind", ["last", "per_example", "several", "per_example_several"])
+@pytest.mark.parametrize("kind", list(PLAIN_READS))
 def test_plain_callable_reads_only_its_positions(tiny_model, kind, monkeypatch):
+    """A plain callable gets the logits of what the probe finds it reads on the base run alone:
+    a few positions, and at those a few vocabulary entries, with the values of full logits."""
     base, cache, metric, positions, g = random_case(tiny_model, 31)
     runs = random_runs(tiny_model, cache, g, base.shape[1])
     fn = plain_metrics(tiny_model, base, metric)[kind]
     kwargs = dict(positions=positions, progress=False)
     reference = run_interventions(tiny_model, base, runs, fn, reference=True, **kwargs)
     counts = _unembedded_positions(monkeypatch)
+    chosen = []
+    probed_metric = engine._probed_metric
+
+    def spy(*args, **kwargs):
+        chosen.append(probed_metric(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(engine, "_probed_metric", spy)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: the probe found the positions
+        warnings.simplefilter("error")  # no warning: the probe found what the metric reads
         fast = run_interventions(tiny_model, base, runs, fn, max_runs_per_chunk=5, **kwargs)
     assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     assert (fast[:-1] - fast[-1]).abs().max() > 1e-3  # the runs change the metric
-    # the probe unembeds the base run whole; every chunk only the positions read
+    k, m = PLAIN_READS[kind]
+    k = base.shape[1] if k == "all" else k
+    [probed] = chosen
+    assert isinstance(probed, engine._ProbedMetric)
+    assert probed.positions.shape == (base.shape[0], k)
+    # the probe unembeds the base run whole; a chunk, the positions read or none of them
     assert counts[0] == base.shape[1]
-    assert max(counts[1:]) <= {"last": 1, "per_example": 1}.get(kind, 3)
+    if m is None:
+        assert probed.columns is None
+        assert len(counts) > 1 and max(counts[1:]) <= k
+    else:
+        assert probed.columns.shape == (base.shape[0], k, m)
+        assert counts == [base.shape[1]]
 
 
 def test_plain_lambda_equals_metric(tiny_gpt2):

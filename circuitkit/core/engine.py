@@ -872,7 +872,7 @@ def _run_fast(
     # the budget holds what the call keeps throughout; chunks get what is left
     kept = kept_bytes(base) + values_bytes(compiled)
     if isinstance(metric, _ProbedMetric):
-        kept += metric.logits.numel() * metric.logits.element_size()
+        kept += metric.buffer.numel() * metric.buffer.element_size()
     # the largest run computes every position from the earliest one any run starts at
     earliest = min(pos for _, pos, _ in starts)
     largest = bytes_per_run(model, n, n_pos - earliest, n_pos, one_read is None)
@@ -1496,9 +1496,10 @@ def read_logits(
         read_resid = torch.where((read >= pos)[..., None], patched, unchanged)
         if isinstance(metric, _ColumnMetric):
             return metric.logits(model, read_resid[:, 0].view(c, n, -1))
+        if isinstance(metric, _ProbedMetric):
+            return metric.logits(model, read_resid.view(c, n, *read_resid.shape[1:]), base)
         logits = unembed_residual(model, read_resid, base)
-        logits = logits.view(c, n, *logits.shape[1:])
-        return logits[:, :, 0] if isinstance(metric, Metric) else logits
+        return logits.view(c, n, *logits.shape[1:])[:, :, 0]
     residual = torch.cat([_tile(final[:, :pos], c), residual], dim=1)
     return unembed_residual(model, residual).view(c, n, *residual.shape[1:2], -1)
 
@@ -1558,11 +1559,7 @@ class _ColumnMetric:
     def logits(
         self, model: HookedTransformer, final: Float[Tensor, "c n d_model"]
     ) -> Float[Tensor, "c n k"]:
-        if model.cfg.normalization_type is not None:
-            final = model.ln_final(final)
-        logits = torch.nn.functional.linear(final, self.weight, self.bias)  # [c, n, u]
-        logits = logits.gather(-1, self.inverse.expand(*final.shape[:2], -1))
-        return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+        return _entry_logits(model, final, self.weight, self.bias, self.inverse)
 
     def at(self, logits_at: Float[Tensor, "c n k"]) -> Float[Tensor, "c n"]:
         c, n, k = logits_at.shape
@@ -1601,18 +1598,14 @@ def _column_metric(
     reads = _gradient_reads(on_entries, logits_at[:, :, None])
     if reads is None:
         return metric
-    counts = reads.sum(dim=1)
-    k = max(1, int(counts.max()))
-    order = torch.argsort((~reads).to(torch.int8), dim=1, stable=True)[:, :k]
-    # each example's entries in order, then its first one again as padding
-    padding = torch.arange(k, device=order.device)[None, :] >= counts[:, None]
-    columns = torch.where(padding, order[:, :1], order)
-    unique, inverse = torch.unique(columns, return_inverse=True)
-    if len(unique) > d_vocab // 16:  # as many as that cost about the whole unembedding
+    columns = _read_entries(reads[..., 0], d_vocab)
+    if columns is None:
         return metric
-    buffer = _confirmed_buffer(on_entries, logits_at[:, :, None], columns, values)
+    rows = torch.arange(len(columns), device=columns.device)[:, None]
+    buffer = _confirmed_buffer(on_entries, logits_at[:, :, None], (rows, columns), values)
     if buffer is None:
         return metric
+    unique, inverse = torch.unique(columns, return_inverse=True)
     base.unembed = None  # the whole unembedding, laid out for the base run, is not needed
     weight = unembed.W_U.T[unique].contiguous()
     # read positions on the device once, not once per chunk
@@ -1622,25 +1615,43 @@ def _column_metric(
 
 @dataclass(frozen=True, eq=False)
 class _ProbedMetric:
-    """A plain callable metric that reads only ``positions`` of the logits (``_probed_metric``).
+    """A plain callable metric that reads only ``positions`` of the logits (``_probed_metric``),
+    and, where ``columns`` is given, only those vocabulary entries at each of them.
 
-    ``at`` writes each run's logits at those positions into ``logits``, which holds NaN at
-    every other position, and calls the metric on it: what the probe confirmed gives the same
-    values as the full logits."""
+    ``logits`` computes a chunk's logits at what the metric reads: ``[c, n, k, d_vocab]``, or
+    with ``columns`` ([n, k, m]) the m entries at each read position alone, ``[c, n, k, m]``:
+    one matrix product with the unembedding's columns of every entry any example reads
+    (``weight``, ``bias``; ``inverse`` says which of them is each read entry). ``at`` writes
+    each run's logits into ``buffer``, which holds NaN everywhere else, and calls the metric on
+    it: what the probe confirmed gives the same values as the full logits."""
 
     fn: Callable[[Tensor], Tensor]
     positions: Int[Tensor, "n k"]
-    logits: Float[Tensor, "n pos d_vocab"]
+    buffer: Float[Tensor, "n pos d_vocab"]
     where: str
+    columns: Int[Tensor, "n k m"] | None = None
+    inverse: Int[Tensor, "n k m"] | None = None
+    weight: Float[Tensor, "u d_model"] | None = None
+    bias: Float[Tensor, " u"] | None = None
 
-    def at(self, logits_at: Float[Tensor, "c n k d_vocab"]) -> Float[Tensor, "c n"]:
-        n = self.positions.shape[0]
+    def logits(
+        self, model: HookedTransformer, final: Float[Tensor, "c n k d_model"], base: BaseRun
+    ) -> Tensor:
+        if self.columns is None:
+            return unembed_residual(model, final, base)
+        return _entry_logits(model, final, self.weight, self.bias, self.inverse)
+
+    def at(self, logits_at: Tensor) -> Float[Tensor, "c n"]:
+        n, k = self.positions.shape
         rows = torch.arange(n, device=self.positions.device)[:, None]
+        index: tuple[Tensor, ...] = (rows, self.positions)
+        if self.columns is not None:
+            index = (rows[..., None], self.positions[..., None], self.columns)
         values = []
         for run_logits in logits_at:
-            self.logits[rows, self.positions] = run_logits
-            value = check_metric_values(self.fn(self.logits), n, self.where)
-            # a copy: the metric may return a view of ``logits``, which the next run overwrites
+            self.buffer[index] = run_logits
+            value = check_metric_values(self.fn(self.buffer), n, self.where)
+            # a copy: the metric may return a view of ``buffer``, which the next run overwrites
             values.append(value.to(torch.float32, copy=True))
         return torch.stack(values)
 
@@ -1653,12 +1664,16 @@ def _probed_metric(
     where: str,
 ) -> Callable[[Tensor], Tensor] | _ProbedMetric:
     """``metric`` as a ``_ProbedMetric`` when it is confirmed to read only some positions of the
-    logits; else ``metric`` itself, after a warning of what full logits cost.
+    logits, or only some vocabulary entries at every position; else ``metric`` itself, after a
+    warning of what full logits cost.
 
     The candidate positions are those where the metric's gradient with respect to the base
     run's logits is not zero (in any example: each keeps its own, padded to the largest count
-    by repeating one). They are confirmed when the metric gives exactly its values on the base
-    logits with every other position set to random values, and again set to NaN."""
+    by repeating one), and the candidate entries those where it is not zero at each read
+    position. Each is confirmed when the metric gives exactly its values on the base logits
+    with every other position (entry) set to random values, and again set to NaN. Entries are
+    kept when they are a sixteenth of the vocabulary or fewer; a metric that reads every
+    position must read a few entries, or it gets the full logits."""
     logits = unembed_residual(model, base.resid[model.cfg.n_layers], base).float()
     n_pos = logits.shape[1]
     # the metric's shape is checked first, before any patched run; a copy, so that a metric
@@ -1668,17 +1683,23 @@ def _probed_metric(
     if reads is None:
         reason = "cannot be differentiated, so which positions of the logits it reads is unknown"
     else:
-        counts = reads.sum(dim=1)
+        at_position = reads.any(dim=-1)
+        counts = at_position.sum(dim=1)
         k = max(1, int(counts.max()))
+        # each example's read positions in order, then its first one again as padding
+        order = torch.argsort((~at_position).to(torch.int8), dim=1, stable=True)[:, :k]
+        first = torch.where(counts > 0, order[:, 0], n_pos - 1)
+        padding = torch.arange(k, device=order.device)[None, :] >= counts[:, None]
+        positions = torch.where(padding, first[:, None], order)
+        rows = torch.arange(n, device=logits.device)[:, None]
+        probed = _probed_entries(model, metric, logits, reads, positions, values, where)
+        if probed is not None:
+            base.unembed = None  # the whole unembedding, laid out for the base run, is not needed
+            return probed
         if k == n_pos and n_pos > 1:
             reason = "reads every position of the logits"
         else:
-            # each example's read positions in order, then its first one again as padding
-            order = torch.argsort((~reads).to(torch.int8), dim=1, stable=True)[:, :k]
-            first = torch.where(counts > 0, order[:, 0], n_pos - 1)
-            padding = torch.arange(k, device=order.device)[None, :] >= counts[:, None]
-            positions = torch.where(padding, first[:, None], order)
-            buffer = _confirmed_buffer(metric, logits, positions, values)
+            buffer = _confirmed_buffer(metric, logits, (rows, positions), values)
             if buffer is not None:
                 return _ProbedMetric(metric, positions, buffer, where)
             reason = "reads positions of the logits where its gradient is zero"
@@ -1693,11 +1714,72 @@ def _probed_metric(
     return metric
 
 
+def _probed_entries(
+    model: HookedTransformer,
+    metric: Callable[[Tensor], Tensor],
+    logits: Float[Tensor, "n pos d_vocab"],
+    reads: Bool[Tensor, "n pos d_vocab"],
+    positions: Int[Tensor, "n k"],
+    values: Tensor,
+    where: str,
+) -> _ProbedMetric | None:
+    """The metric as a ``_ProbedMetric`` that reads only the vocabulary entries where its
+    gradient is not zero at its read ``positions``, if that is confirmed and worth it."""
+    unembed = model.unembed
+    if any(blocks.is_hooked(point) for point in (unembed.hook_in, unembed.hook_out)):
+        return None  # a hook there sees the whole unembedding
+    rows = torch.arange(len(positions), device=positions.device)[:, None]
+    columns = _read_entries(reads[rows, positions], logits.shape[-1])
+    if columns is None:
+        return None
+    index = (rows[..., None], positions[..., None], columns)
+    buffer = _confirmed_buffer(metric, logits, index, values)
+    if buffer is None:
+        return None
+    unique, inverse = torch.unique(columns, return_inverse=True)
+    weight = unembed.W_U.T[unique].contiguous()
+    return _ProbedMetric(
+        metric, positions, buffer, where, columns, inverse, weight, unembed.b_U[unique]
+    )
+
+
+def _read_entries(reads: Bool[Tensor, "... d_vocab"], d_vocab: int) -> Int[Tensor, "... m"] | None:
+    """The vocabulary entries read at each leading index: its entries in order, then its first
+    one again as padding to the largest count; None when more than a sixteenth of the
+    vocabulary is read over all (as many as that cost about the whole unembedding)."""
+    counts = reads.sum(dim=-1)
+    m = max(1, int(counts.max()))
+    order = torch.argsort((~reads).to(torch.int8), dim=-1, stable=True)[..., :m]
+    padding = torch.arange(m, device=order.device) >= counts[..., None]
+    columns = torch.where(padding, order[..., :1], order)
+    if len(torch.unique(columns)) > d_vocab // 16:
+        return None
+    return columns
+
+
+def _entry_logits(
+    model: HookedTransformer,
+    final: Float[Tensor, "*lead d_model"],
+    weight: Float[Tensor, "u d_model"],
+    bias: Float[Tensor, " u"],
+    inverse: Int[Tensor, "..."],
+) -> Tensor:
+    """The logits of a few vocabulary entries from a final residual stream: the final norm,
+    one matrix product with the unembedding's columns of the entries (``weight``, ``bias``),
+    then each read entry picked by ``inverse``, broadcast over the leading runs."""
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final)
+    logits = torch.nn.functional.linear(final, weight, bias)  # [*lead, u]
+    lead = final.shape[: final.ndim - inverse.ndim + 1]
+    logits = logits.gather(-1, inverse.expand(*lead, *inverse.shape[1:]))
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
 def _gradient_reads(
     metric: Callable[[Tensor], Tensor], logits: Float[Tensor, "n pos d_vocab"]
-) -> Bool[Tensor, "n pos"] | None:
-    """Where the metric's gradient with respect to ``logits`` is not zero, for each example and
-    position; None when the metric's values have no gradient or computing it fails."""
+) -> Bool[Tensor, "n pos d_vocab"] | None:
+    """Where the metric's gradient with respect to ``logits`` is not zero; None when the
+    metric's values have no gradient or computing it fails."""
     n = logits.shape[0]
     generator = torch.Generator(device=logits.device).manual_seed(0)
     # random positive weights per example, so that examples' gradients cannot cancel where
@@ -1713,20 +1795,19 @@ def _gradient_reads(
             (grad,) = torch.autograd.grad(weighted, leaf, allow_unused=True)
     except Exception:  # a metric that works only without autograd (numpy, in-place ops)
         return None
-    return None if grad is None else grad.ne(0).any(dim=-1)
+    return None if grad is None else grad.ne(0)
 
 
 def _confirmed_buffer(
     metric: Callable[[Tensor], Tensor],
     logits: Float[Tensor, "n pos d_vocab"],
-    positions: Int[Tensor, "n k"],
+    index: tuple[Tensor, ...],
     values: Tensor,
 ) -> Tensor | None:
-    """Logits [n, pos, d_vocab] that hold NaN except at ``positions`` (zero there), if the
-    metric gives exactly ``values`` on ``logits`` kept at ``positions`` alone, the rest set to
+    """Logits shaped as ``logits`` that hold NaN except at ``index`` (zero there), if the
+    metric gives exactly ``values`` on ``logits`` kept at ``index`` alone, the rest set to
     random values and then to NaN; None if it does not."""
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    kept = logits[rows, positions]
+    kept = logits[index]
     buffer = torch.empty_like(logits)
     generator = torch.Generator(device=logits.device).manual_seed(0)
     scale = 10 * float(logits.std()) + 1  # random logits larger than the real ones
@@ -1735,7 +1816,7 @@ def _confirmed_buffer(
             buffer.normal_(0.0, scale, generator=generator)
         else:
             buffer.fill_(math.nan)
-        buffer[rows, positions] = kept
+        buffer[index] = kept
         try:
             got = metric(buffer)
         except Exception:  # a metric that checks its input is finite, say
@@ -1745,7 +1826,7 @@ def _confirmed_buffer(
         if got.device != values.device or not torch.equal(got, values):
             return None
     buffer.fill_(math.nan)
-    buffer[rows, positions] = 0.0
+    buffer[index] = 0.0
     return buffer
 
 
