@@ -1642,7 +1642,7 @@ class _ProbedMetric:
         return _entry_logits(model, final, self.weight, self.bias, self.inverse)
 
     def at(self, logits_at: Tensor) -> Float[Tensor, "c n"]:
-        n, k = self.positions.shape
+        n = self.positions.shape[0]
         rows = torch.arange(n, device=self.positions.device)[:, None]
         index: tuple[Tensor, ...] = (rows, self.positions)
         if self.columns is not None:
