@@ -148,10 +148,23 @@ class Past:
     keys: Tensor  # [n, n_past, kv_head, d_head]
     values: Tensor  # [n, n_past, kv_head, d_head]
 
-    def repeated(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The keys and values of every row of a batch of ``batch`` rows."""
-        repeat = (batch // self.keys.shape[0], 1, 1, 1)
-        return self.keys.repeat(repeat), self.values.repeat(repeat)
+    def joined(
+        self,
+        keys: Float[Tensor, "batch new kv_head d_head"],
+        values: Float[Tensor, "batch new kv_head d_head"],
+    ) -> tuple[Tensor, Tensor]:
+        """The keys and values of every row of a batch, the earlier positions' then the batch's
+        own (``keys``, ``values``): ``[batch, n_past + new, kv_head, d_head]`` each, in one copy
+        (the earlier positions' are read once per row, never repeated into a tensor of their
+        own)."""
+        n = self.keys.shape[0]
+        copies = keys.shape[0] // n
+
+        def join(past: Tensor, new: Tensor) -> Tensor:
+            past = past.expand(copies, *past.shape)  # a view: row r continues prompt r % n
+            return torch.cat([past, new.view(copies, n, *new.shape[1:])], dim=2).flatten(0, 1)
+
+        return join(self.keys, keys), join(self.values, values)
 
 
 def past(
@@ -166,8 +179,19 @@ def past(
     return Past(keys, values)
 
 
-def causal_mask(n_query: int, n_past: int, device: torch.device) -> Tensor:
-    """[n_query, n_past + n_query]: query i, at position n_past + i, sees keys up to there."""
+def causal_mask(
+    n_query: int, n_past: int, device: torch.device, *, as_bias: bool = False
+) -> Tensor:
+    """[n_query, n_past + n_query]: query i, at position n_past + i, sees keys up to there.
+
+    With ``as_bias`` the same mask as PyTorch's lower-right causal bias, which
+    ``F.scaled_dot_product_attention`` computes without reading a mask: on a GPU, with the
+    flash or memory-efficient kernels (half precision), where a mask tensor would make it
+    read one per query block."""
+    if as_bias:
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(n_query, n_past + n_query)
     return torch.ones(n_query, n_past + n_query, dtype=torch.bool, device=device).tril(n_past)
 
 
@@ -219,8 +243,7 @@ def block_forward(
         q = _hook(attn.hook_rot_q, attn.apply_rotary(q, n_past, None))
         k = attn.apply_rotary(k, n_past, None)
     if past is not None:
-        past_keys, past_values = past.repeated(batch)
-        k, v = torch.cat([past_keys, k], dim=1), torch.cat([past_values, v], dim=1)
+        k, v = past.joined(k, v)
     if rotary:
         k = _hook(attn.hook_rot_k, k)
     if n_kv != n_heads:
