@@ -136,8 +136,8 @@ def test_chunking_does_not_change_results(tiny_gpt2):
 @pytest.mark.parametrize("kind", ["head", "resid"])
 def test_runs_in_one_block_share_the_later_blocks(tiny_model, kind, monkeypatch):
     """A sweep whose runs each sit in one block runs, at each position, the runs of earlier
-    layers through every later block together: one fused call per block for them, one per
-    group starting there, not one per group and block after it."""
+    layers through every later block together: one fused call per block for them and the runs
+    that start there, not one per group and block after it."""
     from circuitkit.core import blocks
 
     model = tiny_model
@@ -161,13 +161,18 @@ def test_runs_in_one_block_share_the_later_blocks(tiny_model, kind, monkeypatch)
 
     monkeypatch.setattr(blocks, "block_forward", counting)
     fast = run_interventions(model, base, runs, metric, positions=positions, progress=False)
-    assert len(calls) == 2 * n_layers - 1
     per_layer = n_heads if kind == "head" else 1
     n = base.shape[0]
-    # block l takes the runs of layers before it in one call, then those starting at it
+    # block l takes the runs of layers before it in one call; those starting at it join them
+    # when they compute the same positions (a patched residual stream), and go by themselves
+    # when they compute their first position alone (a head's output at one position) or when
+    # the block is the last, where the runs passing through compute the read position alone
     expected = [per_layer * n]
     for layer in range(1, n_layers):
-        expected += [layer * per_layer * n, per_layer * n]
+        if kind == "head" or layer == n_layers - 1:
+            expected += [layer * per_layer * n, per_layer * n]
+        else:
+            expected += [(layer + 1) * per_layer * n]
     assert calls == expected
     reference = run_interventions(
         model, base, runs, metric, positions=positions, reference=True, progress=False

@@ -991,10 +991,13 @@ def _run_merged(
     """The final residual stream of a chunk of ``merged_chunks`` (its groups' runs in order),
     as ``run_blocks`` gives it.
 
-    Block by block: the runs that started at earlier layers go through the block together,
-    with no intervention hook on it; then each group that starts at this block goes through
-    it with its own hooks, and joins them. ``read`` ([n] indices into the positions from the
-    chunk's position on) as for ``run_blocks``, per example."""
+    Block by block: the runs that started at earlier layers go through the block together
+    with the groups that start at it and compute the same positions, whose interventions act
+    on their own rows alone; a group that computes its first block's first position alone
+    goes through it by itself. In the last block, where the runs passing through compute only
+    the read positions, every group that starts there goes by itself too. ``read`` ([n]
+    indices into the positions from the chunk's position on) as for ``run_blocks``, per
+    example."""
     n = tokens.shape[0]
     pos = starts[chunk[0][0]][1]
     last = model.cfg.n_layers - 1
@@ -1003,21 +1006,38 @@ def _run_merged(
     group = 0
     for layer in range(starts[chunk[0][0]][0], last + 1):
         at = None if read is None or layer < last else read
-        if merged is not None:
-            merged = run_blocks(
-                model,
-                tokens,
-                c_merged,
-                layer,
-                pos,
-                layer + 1,
-                base,
-                read=None if at is None else at.repeat(c_merged),
-                residual=merged,
-            )
-        parts = [] if merged is None else [merged]
+        here = []
         while group < len(chunk) and starts[chunk[group][0]][0] == layer:
-            runs = chunk[group]
+            here.append(chunk[group])
+            group += 1
+        joined = [runs for runs in here if not starts[runs[0]][2]]
+        # groups come in the order of their starts, those computing every position first
+        if merged is None or at is not None or here[: len(joined)] != joined:
+            joined = []
+        apart = here[len(joined) :]
+        parts = []
+        if merged is not None:
+            items = [[] for _ in range(c_merged)] + [compiled[r] for g in joined for r in g]
+            c = len(items)
+            residual = merged
+            if joined:
+                entering = _tile(base.resid[layer][:, pos:], c - c_merged)
+                residual = torch.cat([merged, entering])
+            with hooks_added(model, _chunk_hooks(items, c, n, pos).items()):
+                merged = run_blocks(
+                    model,
+                    tokens,
+                    c,
+                    layer,
+                    pos,
+                    layer + 1,
+                    base,
+                    read=None if at is None else at.repeat(c),
+                    residual=residual,
+                )
+            parts.append(merged)
+            c_merged = c
+        for runs in apart:
             c = len(runs)
             alone = starts[runs[0]][2]
             hooks = _chunk_hooks(
@@ -1038,7 +1058,6 @@ def _run_merged(
                     )
                 )
             c_merged += c
-            group += 1
         merged = parts[0] if len(parts) == 1 else torch.cat(parts)
     assert merged is not None
     return merged
