@@ -189,9 +189,12 @@ def causal_mask(
     flash or memory-efficient kernels (half precision), where a mask tensor would make it
     read one per query block."""
     if as_bias:
-        from torch.nn.attention.bias import causal_lower_right
-
-        return causal_lower_right(n_query, n_past + n_query)
+        try:
+            from torch.nn.attention.bias import causal_lower_right
+        except ImportError:  # PyTorch before 2.2: the mask
+            pass
+        else:
+            return causal_lower_right(n_query, n_past + n_query)
     return torch.ones(n_query, n_past + n_query, dtype=torch.bool, device=device).tril(n_past)
 
 
