@@ -179,22 +179,8 @@ def past(
     return Past(keys, values)
 
 
-def causal_mask(
-    n_query: int, n_past: int, device: torch.device, *, as_bias: bool = False
-) -> Tensor:
-    """[n_query, n_past + n_query]: query i, at position n_past + i, sees keys up to there.
-
-    With ``as_bias`` the same mask as PyTorch's lower-right causal bias, which
-    ``F.scaled_dot_product_attention`` computes without reading a mask: on a GPU, with the
-    flash or memory-efficient kernels (half precision), where a mask tensor would make it
-    read one per query block."""
-    if as_bias:
-        try:
-            from torch.nn.attention.bias import causal_lower_right
-        except ImportError:  # PyTorch before 2.2: the mask
-            pass
-        else:
-            return causal_lower_right(n_query, n_past + n_query)
+def causal_mask(n_query: int, n_past: int, device: torch.device) -> Tensor:
+    """[n_query, n_past + n_query]: query i, at position n_past + i, sees keys up to there."""
     return torch.ones(n_query, n_past + n_query, dtype=torch.bool, device=device).tril(n_past)
 
 

@@ -1453,10 +1453,7 @@ def _causal_mask(base: BaseRun, n_query: int, pos: int, device: torch.device) ->
     if pos == 0:
         return None
     if (n_query, pos) not in base.masks:
-        # half precision on a GPU runs the flash or memory-efficient kernels, which take the
-        # mask as a lower-right causal bias; float32 the plain kernels (``_attention_kernels``)
-        as_bias = device.type == "cuda" and base.resid[0].dtype in (torch.float16, torch.bfloat16)
-        base.masks[n_query, pos] = blocks.causal_mask(n_query, pos, device, as_bias=as_bias)
+        base.masks[n_query, pos] = blocks.causal_mask(n_query, pos, device)
     return base.masks[n_query, pos]
 
 
