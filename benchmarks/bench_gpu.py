@@ -381,6 +381,9 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="also the engine without fusion")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
     parser.add_argument("--out", help="write every number to this JSON file")
+    parser.add_argument(
+        "--sweeps", nargs="+", help="only these sweeps, by name (all); e.g. 'resid x pos'"
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.layers, args.repeats = 4, 2, 1
@@ -515,6 +518,11 @@ def main() -> None:
         f"{'sweep':<26} {'mode':<9} {'patches':>6} | {'circuitkit':>10} | {'reference':>10} "
         f"{'ratio':>8} | {'max diff':>8} | {'FLOP':>8} | {'TFLOP/s':>7} | ceiling"
     )
+    if args.sweeps:
+        unknown = set(args.sweeps) - set(sweeps)
+        if unknown:
+            parser.error(f"unknown sweeps {sorted(unknown)}; the sweeps are {list(sweeps)}")
+        sweeps = {name: sweep for name, sweep in sweeps.items() if name in args.sweeps}
     for sweep, (ck_call, ref_name, ref_call, starts) in sweeps.items():
         if isinstance(ref_call, str):
             if ref_call not in references:
@@ -578,7 +586,9 @@ def main() -> None:
             finally:
                 engine._FUSED_BLOCKS = True
 
-    if importlib.util.find_spec("circuitkit.methods.attribution_patching") is not None:
+    if "head x pos" not in references:
+        pass  # attribution patching is held against the head x position sweep's reference
+    elif importlib.util.find_spec("circuitkit.methods.attribution_patching") is not None:
         exact = references["head x pos"]
         for mode in args.modes:
             model = models[mode]
