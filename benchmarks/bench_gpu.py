@@ -587,7 +587,7 @@ def main() -> None:
                 engine._FUSED_BLOCKS = True
 
     if "head x pos" not in references:
-        pass  # attribution patching is held against the head x position sweep's reference
+        print("attribution patching: skipped (it is held against the head x pos sweep, not run)")
     elif importlib.util.find_spec("circuitkit.methods.attribution_patching") is not None:
         exact = references["head x pos"]
         for mode in args.modes:

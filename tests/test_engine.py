@@ -633,6 +633,19 @@ PLAIN_READS = {
 }
 
 
+def _returns_of(monkeypatch, name: str) -> list:
+    """What each call of the engine's function ``name`` returns, in order."""
+    returned = []
+    function = getattr(engine, name)
+
+    def spy(*args, **kwargs):
+        returned.append(function(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(engine, name, spy)
+    return returned
+
+
 def _unembedded_positions(monkeypatch):
     """The number of positions of each residual stream the engine unembeds whole."""
     counts = []
@@ -656,14 +669,7 @@ def test_plain_callable_reads_only_its_positions(tiny_model, kind, monkeypatch):
     kwargs = dict(positions=positions, progress=False)
     reference = run_interventions(tiny_model, base, runs, fn, reference=True, **kwargs)
     counts = _unembedded_positions(monkeypatch)
-    chosen = []
-    probed_metric = engine._probed_metric
-
-    def spy(*args, **kwargs):
-        chosen.append(probed_metric(*args, **kwargs))
-        return chosen[-1]
-
-    monkeypatch.setattr(engine, "_probed_metric", spy)
+    chosen = _returns_of(monkeypatch, "_probed_metric")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the probe found what the metric reads
         fast = run_interventions(tiny_model, base, runs, fn, max_runs_per_chunk=5, **kwargs)
@@ -977,14 +983,7 @@ def test_metrics_of_a_few_logits_unembed_those_alone(tiny_model, monkeypatch, na
     fn = _column_metrics(tiny_model, n, g)[name]
     metric = Metric(name, torch.full((n,), n_pos - 1), fn)
     runs = random_runs(tiny_model, cache, g, n_pos)
-    chosen = []
-    column_metric = engine._column_metric
-
-    def spy(*args, **kwargs):
-        chosen.append(column_metric(*args, **kwargs))
-        return chosen[-1]
-
-    monkeypatch.setattr(engine, "_column_metric", spy)
+    chosen = _returns_of(monkeypatch, "_column_metric")
     fast = run_interventions(tiny_model, base, runs, metric, positions=positions, progress=False)
     reference = run_interventions(
         tiny_model, base, runs, metric, positions=positions, reference=True, progress=False

@@ -1004,15 +1004,33 @@ def _run_merged(
     merged: Tensor | None = None
     c_merged = 0
     group = 0
-    for layer in range(starts[chunk[0][0]][0], last + 1):
+
+    def through(layer: int, c: int, hooks: dict[str, Callable], **kwargs) -> Tensor:
+        """Block ``layer`` for c runs, with ``hooks`` on it; at the read positions alone in the
+        last block."""
         at = None if read is None or layer < last else read
+        with hooks_added(model, hooks.items()):
+            return run_blocks(
+                model,
+                tokens,
+                c,
+                layer,
+                pos,
+                layer + 1,
+                base,
+                read=None if at is None else at.repeat(c),
+                **kwargs,
+            )
+
+    for layer in range(starts[chunk[0][0]][0], last + 1):
         here = []
         while group < len(chunk) and starts[chunk[group][0]][0] == layer:
             here.append(chunk[group])
             group += 1
         joined = [runs for runs in here if not starts[runs[0]][2]]
         # groups come in the order of their starts, those computing every position first
-        if merged is None or at is not None or here[: len(joined)] != joined:
+        at_read = read is not None and layer == last
+        if merged is None or at_read or here[: len(joined)] != joined:
             joined = []
         apart = here[len(joined) :]
         parts = []
@@ -1023,18 +1041,7 @@ def _run_merged(
             if joined:
                 entering = _tile(base.resid[layer][:, pos:], c - c_merged)
                 residual = torch.cat([merged, entering])
-            with hooks_added(model, _chunk_hooks(items, c, n, pos).items()):
-                merged = run_blocks(
-                    model,
-                    tokens,
-                    c,
-                    layer,
-                    pos,
-                    layer + 1,
-                    base,
-                    read=None if at is None else at.repeat(c),
-                    residual=residual,
-                )
+            merged = through(layer, c, _chunk_hooks(items, c, n, pos), residual=residual)
             parts.append(merged)
             c_merged = c
         for runs in apart:
@@ -1043,20 +1050,7 @@ def _run_merged(
             hooks = _chunk_hooks(
                 [compiled[r] for r in runs], c, n, pos, alone_in=layer if alone else None
             )
-            with hooks_added(model, hooks.items()):
-                parts.append(
-                    run_blocks(
-                        model,
-                        tokens,
-                        c,
-                        layer,
-                        pos,
-                        layer + 1,
-                        base,
-                        first_alone=alone,
-                        read=None if at is None else at.repeat(c),
-                    )
-                )
+            parts.append(through(layer, c, hooks, first_alone=alone))
             c_merged += c
         merged = parts[0] if len(parts) == 1 else torch.cat(parts)
     assert merged is not None
@@ -1620,14 +1614,14 @@ def _column_metric(
     reads = _gradient_reads(on_entries, logits_at[:, :, None])
     if reads is None:
         return metric
-    columns = _read_entries(reads[..., 0], d_vocab)
-    if columns is None:
+    entries = _read_entries(reads[..., 0], d_vocab)
+    if entries is None:
         return metric
+    columns, unique, inverse = entries
     rows = torch.arange(len(columns), device=columns.device)[:, None]
     buffer = _confirmed_buffer(on_entries, logits_at[:, :, None], (rows, columns), values)
     if buffer is None:
         return metric
-    unique, inverse = torch.unique(columns, return_inverse=True)
     base.unembed = None  # the whole unembedding, laid out for the base run, is not needed
     weight = unembed.W_U.T[unique].contiguous()
     # read positions on the device once, not once per chunk
@@ -1751,32 +1745,37 @@ def _probed_entries(
     if any(blocks.is_hooked(point) for point in (unembed.hook_in, unembed.hook_out)):
         return None  # a hook there sees the whole unembedding
     rows = torch.arange(len(positions), device=positions.device)[:, None]
-    columns = _read_entries(reads[rows, positions], logits.shape[-1])
-    if columns is None:
+    entries = _read_entries(reads[rows, positions], logits.shape[-1])
+    if entries is None:
         return None
+    columns, unique, inverse = entries
     index = (rows[..., None], positions[..., None], columns)
     buffer = _confirmed_buffer(metric, logits, index, values)
     if buffer is None:
         return None
-    unique, inverse = torch.unique(columns, return_inverse=True)
     weight = unembed.W_U.T[unique].contiguous()
     return _ProbedMetric(
         metric, positions, buffer, where, columns, inverse, weight, unembed.b_U[unique]
     )
 
 
-def _read_entries(reads: Bool[Tensor, "... d_vocab"], d_vocab: int) -> Int[Tensor, "... m"] | None:
-    """The vocabulary entries read at each leading index: its entries in order, then its first
-    one again as padding to the largest count; None when more than a sixteenth of the
-    vocabulary is read over all (as many as that cost about the whole unembedding)."""
+def _read_entries(
+    reads: Bool[Tensor, "... d_vocab"], d_vocab: int
+) -> tuple[Int[Tensor, "... m"], Int[Tensor, " u"], Int[Tensor, "... m"]] | None:
+    """The vocabulary entries read at each leading index (``columns``: its entries in order,
+    then its first one again as padding to the largest count), the distinct entries over all
+    (``unique``) and each read entry's index among them (``inverse``); None when more than a
+    sixteenth of the vocabulary is read over all (as many as that cost about the whole
+    unembedding)."""
     counts = reads.sum(dim=-1)
     m = max(1, int(counts.max()))
     order = torch.argsort((~reads).to(torch.int8), dim=-1, stable=True)[..., :m]
     padding = torch.arange(m, device=order.device) >= counts[..., None]
     columns = torch.where(padding, order[..., :1], order)
-    if len(torch.unique(columns)) > d_vocab // 16:
+    unique, inverse = torch.unique(columns, return_inverse=True)
+    if len(unique) > d_vocab // 16:
         return None
-    return columns
+    return columns, unique, inverse
 
 
 def _entry_logits(
